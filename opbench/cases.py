@@ -1,0 +1,51 @@
+"""Cases: the distinct (op, shape, dtype, pass) of the selected plans, crossed with backends."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from opbench.ops import get_family
+from opbench.workload import Plan
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    shape: object  # the family's shape record
+    dtype: str
+    pass_: str
+    backend: str
+    roles: tuple[str, ...]  # "model/phase/role" for every plan call this case serves
+
+    @property
+    def key(self) -> tuple:
+        """Identity without the backend: what compose looks a measurement up by."""
+        return (self.op, self.shape, self.dtype, self.pass_)
+
+    @property
+    def id(self) -> str:
+        return f"{get_family(self.op).id_of(self.shape)}-{self.dtype}-{self.pass_}-{self.backend}"
+
+
+def build_cases(plans: Iterable[Plan], op: str, backends: Iterable[str] | None = None) -> list[Case]:
+    """One case per distinct (shape, dtype, pass) of `op` in the plans and per backend, in plan order.
+
+    `backends` filters by name; None keeps every backend of the family.
+    """
+    family = get_family(op)
+    roles: dict[tuple, list[str]] = {}
+    for p in plans:
+        dtype = family.case_dtype(p.workload.dtype)
+        if dtype is None:
+            continue
+        for call in p.calls:
+            if call.op != op:
+                continue
+            role = f"{p.model.name}/{p.workload.phase}/{call.role}"
+            seen = roles.setdefault((call.shape, dtype, call.pass_), [])
+            if role not in seen:
+                seen.append(role)
+    wanted = [b for b in family.backends if backends is None or b in backends]
+    return [Case(op, shape, dtype, pass_, b, tuple(r))
+            for (shape, dtype, pass_), r in roles.items() for b in wanted]

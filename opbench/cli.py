@@ -1,0 +1,78 @@
+"""`opbench ...` (also `python -m opbench`): look at models and plans without running anything."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from opbench.models import ZOO, ConfigError, get_model
+from opbench.selection import PROFILES
+from opbench.workload import PlanError, parse_workload, plan
+
+
+def _models(args) -> None:
+    header = ("name", "hidden", "layers", "heads", "kv", "head_dim", "ffn", "vocab", "max_seq", "extra")
+    rows = [header]
+    for m in ZOO.values():
+        extra = [m.norm, m.activation]
+        if m.sliding_window:
+            extra.append(f"window {m.sliding_window}")
+        if m.experts > 1:
+            extra.append(f"{m.experts} experts, top-{m.experts_per_token}")
+        rows.append((m.name, m.hidden, m.layers, m.heads, m.kv_heads, m.head_dim, m.ffn_hidden, m.vocab,
+                     m.max_seq_len, ", ".join(extra)))
+    _print_table(rows)
+
+
+def _plan(args) -> None:
+    p = plan(get_model(args.model), parse_workload(args.workload, args.dtype))
+    if args.json:
+        json.dump(p.to_dict(), sys.stdout, indent=1)
+        print()
+        return
+    print(f"{p.name}: {p.model.layers} layers; per GPU at tp={p.workload.tp}")
+    rows = [("role", "op", "pass", "count", "scope", "shape")]
+    for c in p.calls:
+        shape = " ".join(f"{k}={v}" for k, v in asdict(c.shape).items())
+        rows.append((c.role, c.op, c.pass_, c.count, c.scope, shape))
+    _print_table(rows)
+
+
+def _print_table(rows) -> None:
+    cells = [[str(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="opbench",
+        description="LLM operator micro-benchmarks. Run the suite with `pytest bench/ --benchmark-json=results.json`;"
+                    " these commands inspect what it plans.",
+        epilog="profiles: " + "; ".join(f"{p.name}: {p.about}" for p in PROFILES.values()))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("models", help="list the built-in model zoo").set_defaults(func=_models)
+    p = sub.add_parser("plan", help="print the op calls of one decoder layer plus embedding and LM head")
+    p.add_argument("model", help="a zoo name or a Hugging Face config.json path")
+    p.add_argument("workload", help="PHASE:b=BATCH,s=LENGTH[,tp=N][,r=RANK], e.g. decode:b=32,s=4096,tp=8")
+    p.add_argument("--dtype", default="bf16", help="workload dtype: bf16, fp16, fp32, tf32, fp8 (default bf16)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_plan)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, PlanError) as error:
+        parser.exit(2, f"opbench: error: {error}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Machine facts for the JSON: the GPUs as NVML reports them, and the software versions."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def _try(read: Callable[[], Any]) -> Any:
+    """One NVML query; a field the driver or GPU does not support reads as None."""
+    try:
+        value = read()
+    except Exception:
+        return None
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _device_info(nvml, handle) -> dict:
+    clock = nvml.NVML_CLOCK_SM, nvml.NVML_CLOCK_MEM
+    memory = _try(lambda: nvml.nvmlDeviceGetMemoryInfo(handle))
+    power_mw = _try(lambda: nvml.nvmlDeviceGetEnforcedPowerLimit(handle))
+    return {
+        "name": _try(lambda: nvml.nvmlDeviceGetName(handle)),
+        "uuid": _try(lambda: nvml.nvmlDeviceGetUUID(handle)),
+        "vbios": _try(lambda: nvml.nvmlDeviceGetVbiosVersion(handle)),
+        "memory_total_bytes": memory.total if memory else None,
+        "max_sm_clock_mhz": _try(lambda: nvml.nvmlDeviceGetMaxClockInfo(handle, clock[0])),
+        "max_mem_clock_mhz": _try(lambda: nvml.nvmlDeviceGetMaxClockInfo(handle, clock[1])),
+        "app_sm_clock_mhz": _try(lambda: nvml.nvmlDeviceGetApplicationsClock(handle, clock[0])),
+        "app_mem_clock_mhz": _try(lambda: nvml.nvmlDeviceGetApplicationsClock(handle, clock[1])),
+        "power_limit_w": power_mw / 1000 if power_mw is not None else None,
+        "ecc_enabled": _try(lambda: bool(nvml.nvmlDeviceGetEccMode(handle)[0])),
+        "mig_enabled": _try(lambda: bool(nvml.nvmlDeviceGetMigMode(handle)[0])),
+        "persistence_mode": _try(lambda: bool(nvml.nvmlDeviceGetPersistenceMode(handle))),
+        "pcie_gen": _try(lambda: nvml.nvmlDeviceGetCurrPcieLinkGeneration(handle)),
+        "pcie_gen_max": _try(lambda: nvml.nvmlDeviceGetMaxPcieLinkGeneration(handle)),
+        "pcie_width": _try(lambda: nvml.nvmlDeviceGetCurrPcieLinkWidth(handle)),
+        "pcie_width_max": _try(lambda: nvml.nvmlDeviceGetMaxPcieLinkWidth(handle)),
+    }
+
+
+def gpu_info() -> dict:
+    """NVML's view of the machine's GPUs; {"available": False, "reason": ...} where there is none."""
+    try:
+        import pynvml as nvml  # provided by nvidia-ml-py
+    except ImportError:
+        return {"available": False, "reason": "nvidia-ml-py is not installed"}
+    try:
+        nvml.nvmlInit()
+    except Exception as error:
+        return {"available": False, "reason": f"NVML could not start: {error}"}
+    try:
+        cuda = _try(nvml.nvmlSystemGetCudaDriverVersion)
+        devices = [_device_info(nvml, nvml.nvmlDeviceGetHandleByIndex(i)) for i in range(nvml.nvmlDeviceGetCount())]
+        used = None
+        if torch.cuda.is_available():
+            uuid = _try(lambda: str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid))
+            used = f"GPU-{uuid}" if uuid and not uuid.startswith("GPU-") else uuid
+        return {
+            "available": True,
+            "driver": _try(nvml.nvmlSystemGetDriverVersion),
+            "cuda_driver": f"{cuda // 1000}.{cuda % 1000 // 10}" if cuda else None,
+            "devices": devices,
+            "used_uuid": used,
+        }
+    finally:
+        _try(nvml.nvmlShutdown)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def software_versions() -> dict:
+    nccl = _try(lambda: ".".join(map(str, torch.cuda.nccl.version()))) if torch.version.cuda else None
+    return {
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "cudnn": _try(torch.backends.cudnn.version) if torch.version.cuda else None,
+        "nccl": nccl,
+        "triton": _version("triton"),
+        "flash_attn": _version("flash-attn") or _version("flash_attn"),
+        "pytest_benchmark": _version("pytest-benchmark"),
+        "numpy": _version("numpy"),
+    }
+
+
+# Facts that stay put between runs on the same machine and software; clocks, temperatures, free
+# memory and the like drift, so comparing them would flag every pair of runs as different machines.
+_STABLE_HOST = ("machine", "system", "release", "python_implementation", "python_version")
+_STABLE_GPU = ("name", "uuid", "vbios", "memory_total_bytes", "ecc_enabled", "mig_enabled")
+
+
+def stable_facts(machine_info: dict) -> dict:
+    gpu = machine_info.get("gpu") or {}
+    return {
+        "host": {k: machine_info.get(k) for k in _STABLE_HOST},
+        "cpu": (machine_info.get("cpu") or {}).get("brand_raw"),
+        "driver": gpu.get("driver"),
+        "cuda_driver": gpu.get("cuda_driver"),
+        "gpus": [{k: d.get(k) for k in _STABLE_GPU} for d in gpu.get("devices", [])],
+        "software": machine_info.get("software"),
+    }

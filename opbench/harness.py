@@ -1,0 +1,75 @@
+"""The shared harness every bench module calls: availability, correctness gate, timing, extra_info."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from opbench.cases import Case
+from opbench.dtypes import get_dtype
+from opbench.ops import get_family
+from opbench.ops.base import shape_dict
+from opbench.timing import check, measure
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    device: str  # "cuda" or "cpu"
+    budget_s: float  # time spent timing one case, beyond its warm-up and gate
+    min_rounds: int
+    cold_l2: bool = False
+
+
+def _is_oom(error: BaseException) -> bool:
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error).lower()
+    return "out of memory" in text or "can't allocate memory" in text
+
+
+def run_case(benchmark, case: Case, settings: RunSettings) -> None:
+    family = get_family(case.op)
+    backend = family.backends[case.backend]
+    dtype = get_dtype(case.dtype)
+    flops = family.flops(case.shape, case.pass_)
+    nbytes = family.bytes(case.shape, dtype, case.pass_)
+    info = benchmark.extra_info
+    info.update({"op": case.op, "backend": case.backend, "dtype": case.dtype, "pass": case.pass_,
+                 "shape": shape_dict(case.shape), "roles": list(case.roles), "flops": flops, "bytes": nbytes,
+                 "impl": backend.impl})
+    reason = backend.requires(case.shape, dtype, settings.device)
+    if reason:
+        pytest.skip(f"{case.backend}: {reason}")
+
+    torch.manual_seed(zlib.crc32(case.id.encode()))
+    try:
+        with dtype.math_mode():
+            inputs = family.inputs(case.shape, dtype, case.pass_, settings.device)
+            fn = backend.prepare(inputs, dtype, case.pass_)
+            out = fn()
+        with get_dtype("fp32").math_mode():  # the reference never runs in tf32
+            verdict = check(out, family.reference(inputs, dtype, case.pass_), dtype.tol)
+        del out
+        info["correct"] = verdict.as_dict()
+        if not verdict.passed:
+            pytest.fail(f"wrong result: relative error {verdict.rel_err:.3g} > tolerance {verdict.tol:g}"
+                        f" (output {verdict.output})", pytrace=False)
+        with dtype.math_mode():
+            timing = measure(benchmark, fn, device=settings.device, budget_s=settings.budget_s,
+                             min_rounds=settings.min_rounds, cold_l2=settings.cold_l2)
+    except Exception as error:
+        if not _is_oom(error):
+            raise
+        if settings.device == "cuda":
+            torch.cuda.empty_cache()
+        pytest.skip(f"out of memory: {str(error).splitlines()[0][:200]}")
+
+    info.update({"timer": timing.timer, "unroll": timing.unroll})
+    if benchmark.stats is not None:
+        median_s = benchmark.stats.stats.median
+        info["median_s"] = median_s
+        info["tflops"] = flops / median_s / 1e12 if median_s > 0 else None
+        info["gbps"] = nbytes / median_s / 1e9 if median_s > 0 else None

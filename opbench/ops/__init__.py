@@ -1,0 +1,20 @@
+"""Op families: one module each. get_family() imports a family's module on first use."""
+
+from __future__ import annotations
+
+import importlib
+
+from opbench.ops.base import OpFamily
+
+# op name -> (module, attribute holding its OpFamily)
+FAMILIES: dict[str, tuple[str, str]] = {
+    "gemm": ("opbench.ops.gemm", "GEMM"),
+}
+
+
+def get_family(op: str) -> OpFamily:
+    try:
+        module, attr = FAMILIES[op]
+    except KeyError:
+        raise KeyError(f"no measured op family {op!r} (measured: {', '.join(FAMILIES)})") from None
+    return getattr(importlib.import_module(module), attr)

@@ -1,0 +1,154 @@
+"""The pytest plugin: options, parametrization from the plan, machine info, JSON section, summary."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import pytest
+
+from opbench import __version__
+from opbench.cases import Case, build_cases
+from opbench.harness import RunSettings, run_case
+from opbench.hardware import gpu_info, software_versions, stable_facts
+from opbench.ops import FAMILIES, get_family
+from opbench.selection import PROFILES, Selection, SelectionError, select
+from opbench.summary import summary_lines
+
+
+@dataclass
+class _State:
+    selection: Selection
+    settings: RunSettings
+    timed: list[tuple[Case, dict]] = field(default_factory=list)
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("opbench", "opbench: what to measure (defaults come from --profile)")
+    group.addoption("--model", action="append", metavar="NAME|PATH",
+                    help="model to plan: a zoo name (see `opbench models`) or a Hugging Face config.json path; "
+                         "repeat or comma-separate for several. Default: the profile's models.")
+    group.addoption("--workload", action="append", metavar="PHASE:b=B,s=S[,tp=N][,r=R]",
+                    help="workload to plan, e.g. prefill:b=1,s=2048 or decode:b=32,s=4096,tp=8 "
+                         "(s: prompt, context or sequence length; r: LoRA rank for finetune); repeat for several. "
+                         "Default: the profile's workloads.")
+    group.addoption("--dtype", action="append", metavar="DTYPE",
+                    help="dtypes to run: bf16, fp16, fp32, tf32, fp8 (comma-separated or repeated). "
+                         "Default: the profile's.")
+    group.addoption("--backend", action="append", metavar="NAME",
+                    help="only these backends (comma-separated or repeated), e.g. torch,triton. Default: all.")
+    group.addoption("--profile", choices=sorted(PROFILES), default=None,
+                    help="; ".join(f"{p.name}: {p.about}" for p in PROFILES.values())
+                         + ". Default: default on a GPU, smoke on a CPU.")
+    group.addoption("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                    help="where cases run. auto: cuda when a GPU is visible, else cpu.")
+    group.addoption("--cold-l2", action="store_true", default=False,
+                    help="flush the GPU's L2 cache before every timed call (default: warm L2, as in a model's "
+                         "steady state).")
+
+
+def _resolve_device(choice: str) -> str:
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("opbench: --device cuda, but torch sees no CUDA GPU "
+                                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda})")
+    return choice
+
+
+def _known_backends() -> set[str]:
+    return {b for op in FAMILIES for b in get_family(op).backends}
+
+
+def pytest_configure(config):
+    opt = config.option
+    device = _resolve_device(opt.device)
+    try:
+        selection = select(profile=opt.profile, device=device, models=opt.model, workloads=opt.workload,
+                           dtypes=opt.dtype, backends=opt.backend)
+    except SelectionError as error:
+        raise pytest.UsageError(f"opbench: {error}") from None
+    unknown = set(selection.backends or ()) - _known_backends()
+    if unknown:
+        raise pytest.UsageError(f"opbench: unknown backend(s) {', '.join(sorted(unknown))} "
+                                f"(known: {', '.join(sorted(_known_backends()))})")
+    explicit_time = any(a.startswith("--benchmark-max-time") for a in config.invocation_params.args)
+    budget = opt.benchmark_max_time if explicit_time else selection.profile.budget_s
+    min_rounds = opt.benchmark_min_rounds if any(
+        a.startswith("--benchmark-min-rounds") for a in config.invocation_params.args) else selection.profile.min_rounds
+    settings = RunSettings(device=device, budget_s=float(budget), min_rounds=int(min_rounds), cold_l2=opt.cold_l2)
+    config._opbench = _State(selection, settings)
+    config.addinivalue_line("markers", "opbench: a case measured by opbench")
+
+
+def pytest_generate_tests(metafunc):
+    if "case" not in metafunc.fixturenames:
+        return
+    op = getattr(metafunc.module, "OP", None)
+    if op is None:
+        raise pytest.UsageError(f"{metafunc.module.__name__}: a bench module must name its op family in OP")
+    state: _State = metafunc.config._opbench
+    cases = build_cases(state.selection.plans, op, state.selection.backends)
+    metafunc.parametrize("case", cases, ids=[c.id for c in cases])
+
+
+@pytest.fixture
+def measure_case(benchmark, request):
+    """Run a case through the harness: availability, correctness gate, timing, extra_info."""
+    state: _State = request.config._opbench
+
+    def run(case: Case) -> None:
+        run_case(benchmark, case, state.settings)
+        if benchmark.stats is not None:
+            state.timed.append((case, dict(benchmark.extra_info)))
+    return run
+
+
+def pytest_report_header(config):
+    state: _State | None = getattr(config, "_opbench", None)
+    if state is None:
+        return None
+    sel = state.selection
+    models = sorted({p.model.name for p in sel.plans})
+    return (f"opbench {__version__}: profile {sel.profile.name}, device {sel.device}, "
+            f"{len(sel.plans)} plans ({', '.join(models)}), dtypes {','.join(sel.dtypes)}, "
+            f"budget {state.settings.budget_s:g} s/case"
+            + (", TRITON_INTERPRET=1" if os.environ.get("TRITON_INTERPRET") == "1" else ""))
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["gpu"] = gpu_info()
+    machine_info["software"] = software_versions()
+
+
+def pytest_benchmark_compare_machine_info(config, benchmarksession, machine_info, compared_benchmark):
+    now, then = stable_facts(machine_info), stable_facts(compared_benchmark.get("machine_info", {}))
+    if now != then:
+        changed = sorted(k for k in now if now[k] != then.get(k))
+        benchmarksession.logger.warning(f"opbench: the compared run comes from a different machine or software: "
+                                        f"{', '.join(changed)} differ")
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    state: _State | None = getattr(config, "_opbench", None)
+    if state is None:
+        return
+    output_json["opbench"] = {
+        "version": __version__,
+        "profile": state.selection.profile.name,
+        "device": state.settings.device,
+        "settings": {"budget_s": state.settings.budget_s, "min_rounds": state.settings.min_rounds,
+                     "cold_l2": state.settings.cold_l2},
+        "plans": [p.to_dict() for p in state.selection.plans],
+    }
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    state: _State | None = getattr(config, "_opbench", None)
+    if state is None or not state.timed:
+        return
+    terminalreporter.section("opbench summary")
+    for line in summary_lines(state.timed, state.settings.device):
+        terminalreporter.write_line(line)

@@ -1,0 +1,93 @@
+"""Profiles and the selection of a run: which models, workloads, dtypes and backends, on which device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opbench.dtypes import get_dtype
+from opbench.models import ConfigError, ModelConfig, get_model
+from opbench.workload import Plan, PlanError, parse_workload, plan
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    pairs: tuple[tuple[str, str], ...]  # (model, workload) pairs
+    dtypes: tuple[str, ...]
+    budget_s: float  # timing budget per case
+    min_rounds: int
+    about: str
+
+
+_LLAMA3_8B = ("prefill:b=1,s=2048", "decode:b=1,s=2048", "decode:b=32,s=2048", "train:b=1,s=4096")
+_FULL_WORKLOADS = ("prefill:b=1,s=512", "prefill:b=1,s=2048", "prefill:b=4,s=4096",
+                   "decode:b=1,s=2048", "decode:b=16,s=4096", "decode:b=64,s=2048",
+                   "train:b=1,s=4096", "finetune:b=1,s=2048,r=16")
+_FULL_MODELS = {"llama-2-7b": 1, "llama-2-70b": 8, "llama-3-8b": 1, "llama-3-70b": 8, "mistral-7b": 1,
+                "mixtral-8x7b": 2, "llama-3.1-405b": 8, "gpt-3-175b": 8}  # model: tensor-parallel degree
+
+PROFILES: dict[str, Profile] = {p.name: p for p in (
+    Profile("smoke", tuple(("tiny", w) for w in ("prefill:b=2,s=96", "decode:b=4,s=200", "train:b=2,s=96")),
+            ("fp32", "bf16"), budget_s=0.02, min_rounds=3,
+            about="the tiny model, fast on a CPU: checks that every case runs"),
+    Profile("default",
+            tuple(("llama-3-8b", w) for w in _LLAMA3_8B)
+            + (("llama-3-70b", "prefill:b=1,s=2048,tp=8"), ("llama-3-70b", "decode:b=32,s=2048,tp=8")),
+            ("bf16",), budget_s=0.3, min_rounds=5,
+            about="Llama-3-8B and Llama-3-70B at tp 8, realistic batches and lengths, bf16"),
+    Profile("full",
+            tuple((m, f"{w},tp={tp}") for m, tp in _FULL_MODELS.items() for w in _FULL_WORKLOADS
+                  if not (m == "gpt-3-175b" and "s=4096" in w)),
+            ("bf16", "fp16", "fp32", "tf32", "fp8"), budget_s=1.0, min_rounds=5,
+            about="the zoo at several batches and lengths, every dtype"),
+)}
+
+
+class SelectionError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Selection:
+    profile: Profile
+    device: str
+    plans: tuple[Plan, ...]
+    dtypes: tuple[str, ...]
+    backends: tuple[str, ...] | None  # None: every backend
+
+
+def _split(values: list[str] | None) -> list[str]:
+    return [v.strip() for item in values or () for v in item.split(",") if v.strip()]
+
+
+def select(*, profile: str | None, device: str, models: list[str] | None = None,
+           workloads: list[str] | None = None, dtypes: list[str] | None = None,
+           backends: list[str] | None = None) -> Selection:
+    """Build the run's plans. The profile supplies whatever is not given: given models take the
+    profile's workloads, given workloads run on the profile's models."""
+    if profile is None:
+        profile = "default" if device == "cuda" else "smoke"
+    if profile not in PROFILES:
+        raise SelectionError(f"unknown profile {profile!r} (known: {', '.join(PROFILES)})")
+    prof = PROFILES[profile]
+    try:
+        chosen_dtypes = tuple(dict.fromkeys(_split(dtypes))) or prof.dtypes
+        for d in chosen_dtypes:
+            get_dtype(d)
+        model_names = _split(models)
+        workload_texts = list(workloads or ())
+        if model_names or workload_texts:
+            model_names = model_names or list(dict.fromkeys(m for m, _ in prof.pairs))
+            workload_texts = workload_texts or list(dict.fromkeys(w for _, w in prof.pairs))
+            pairs = [(m, w) for m in model_names for w in workload_texts]
+        else:
+            pairs = list(prof.pairs)
+        configs: dict[str, ModelConfig] = {}
+        plans = []
+        for model_name, text in pairs:
+            model = configs.setdefault(model_name, get_model(model_name))
+            for d in chosen_dtypes:
+                plans.append(plan(model, parse_workload(text, d)))
+    except (ConfigError, PlanError, ValueError) as error:
+        raise SelectionError(str(error)) from None
+    return Selection(prof, device, tuple(plans), chosen_dtypes, tuple(_split(backends)) or None)

@@ -1,0 +1,233 @@
+"""Workloads and plan(): the op calls of one decoder layer, plus embedding and LM head.
+
+The same plan decides what is measured (opbench.cases) and what is composed, so the two never
+disagree. Shapes are per GPU: tensor parallelism shards attention heads and MLP columns (qkv,
+gate/up) and rows (o, down) the Megatron way, with an all-reduce after each row-parallel GEMM.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+from opbench.dtypes import DTYPES
+from opbench.models import ModelConfig
+from opbench.ops.attention import AttentionShape
+from opbench.ops.collective import CollectiveShape
+from opbench.ops.gemm import GemmShape
+from opbench.ops.tokenwise import ParamsShape, RotaryShape, RowsShape, VocabShape
+
+PHASES = ("prefill", "decode", "train", "finetune")
+
+
+class PlanError(ValueError):
+    """A workload that cannot run on a model (bad sizes, a tensor-parallel degree that does not fit)."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    phase: str  # prefill | decode | train | finetune (LoRA on frozen weights)
+    batch: int  # sequences (train: the micro-batch)
+    seq_len: int  # prefill: prompt length; decode: context length incl. the new token; train: sequence length
+    tp: int = 1  # tensor-parallel degree
+    dtype: str = "bf16"
+    lora_rank: int = 16  # finetune only
+
+    def __post_init__(self) -> None:
+        if self.phase not in PHASES:
+            raise PlanError(f"unknown phase {self.phase!r} (known: {', '.join(PHASES)})")
+        for name in ("batch", "seq_len", "tp", "lora_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise PlanError(f"workload {name} must be a positive integer, got {value!r}")
+        if self.dtype not in DTYPES:
+            raise PlanError(f"unknown dtype {self.dtype!r} (known: {', '.join(DTYPES)})")
+
+    @property
+    def label(self) -> str:
+        lora = f",r={self.lora_rank}" if self.phase == "finetune" else ""
+        return f"{self.phase}:b={self.batch},s={self.seq_len},tp={self.tp}{lora}"
+
+    @property
+    def training(self) -> bool:
+        return self.phase in ("train", "finetune")
+
+
+_WORKLOAD_KEYS = {"b": "batch", "s": "seq_len", "tp": "tp", "r": "lora_rank"}
+
+
+def parse_workload(text: str, dtype: str = "bf16") -> Workload:
+    """'prefill:b=1,s=2048,tp=8'. b: batch, s: prompt / context / sequence length, tp, r: LoRA rank."""
+    m = re.fullmatch(r"\s*(\w+)\s*:\s*(.*?)\s*", text)
+    if not m:
+        raise PlanError(f"workload {text!r}: expected PHASE:b=BATCH,s=LENGTH[,tp=N][,r=RANK]")
+    phase, rest = m.groups()
+    values: dict[str, int] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in _WORKLOAD_KEYS:
+            raise PlanError(f"workload {text!r}: unknown key {key!r} (keys: {', '.join(_WORKLOAD_KEYS)})")
+        try:
+            values[_WORKLOAD_KEYS[key]] = int(value)
+        except ValueError:
+            raise PlanError(f"workload {text!r}: {key} must be an integer, got {value.strip()!r}") from None
+    missing = [k for k, name in _WORKLOAD_KEYS.items() if k in ("b", "s") and name not in values]
+    if missing:
+        raise PlanError(f"workload {text!r}: missing {' and '.join(missing)}")
+    return Workload(phase=phase, dtype=dtype, **values)
+
+
+@dataclass(frozen=True)
+class OpCall:
+    role: str  # what the call is in the model: "attn.qkv", "mlp.down", "tp.allreduce.attn", ...
+    op: str  # op family
+    shape: object  # the family's shape record
+    pass_: str = "fwd"  # fwd | dgrad | wgrad | bwd
+    count: int = 1  # calls per layer (scope "layer") or per model step (scope "model")
+    scope: str = "layer"  # layer: repeated in every decoder layer; model: once per model
+
+    def to_dict(self) -> dict:
+        return {"role": self.role, "op": self.op, "shape": asdict(self.shape), "pass": self.pass_,
+                "count": self.count, "scope": self.scope}
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: ModelConfig
+    workload: Workload
+    calls: tuple[OpCall, ...] = field(default_factory=tuple)
+
+    @property
+    def name(self) -> str:
+        return f"{self.model.name}/{self.workload.label}/{self.workload.dtype}"
+
+    def to_dict(self) -> dict:
+        return {"model": asdict(self.model), "workload": asdict(self.workload),
+                "calls": [c.to_dict() for c in self.calls]}
+
+
+@dataclass(frozen=True)
+class _Dims:
+    """Per-GPU sizes of one layer under tensor parallelism."""
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+
+
+def _shard(model: ModelConfig, tp: int) -> _Dims:
+    if model.heads % tp:
+        raise PlanError(f"tp={tp} does not divide {model.name}'s {model.heads} attention heads")
+    if model.kv_heads % tp == 0:
+        kv_heads = model.kv_heads // tp
+    elif tp % model.kv_heads == 0:
+        kv_heads = 1  # fewer kv heads than GPUs: each is replicated, one per GPU
+    else:
+        raise PlanError(f"tp={tp} neither divides nor is a multiple of {model.name}'s {model.kv_heads} kv heads")
+    if model.ffn_hidden % tp:
+        raise PlanError(f"tp={tp} does not divide {model.name}'s MLP width {model.ffn_hidden}")
+    return _Dims(model.heads // tp, kv_heads, model.ffn_hidden // tp, -(-model.vocab // tp))
+
+
+def _linear(role: str, tokens: int, out_features: int, in_features: int, training: bool, frozen: bool,
+            count: int = 1, scope: str = "layer") -> list[OpCall]:
+    """A linear layer's GEMMs: forward, and in training dgrad and (unless frozen) wgrad."""
+    calls = [OpCall(role, "gemm", GemmShape(tokens, out_features, in_features), "fwd", count, scope)]
+    if training:
+        calls.append(OpCall(role, "gemm", GemmShape(tokens, in_features, out_features), "dgrad", count, scope))
+        if not frozen:
+            calls.append(OpCall(role, "gemm", GemmShape(in_features, out_features, tokens), "wgrad", count, scope))
+    return calls
+
+
+def _tokenwise(role: str, op: str, shape, training: bool, count: int = 1, scope: str = "layer") -> list[OpCall]:
+    calls = [OpCall(role, op, shape, "fwd", count, scope)]
+    if training:
+        calls.append(OpCall(role, op, shape, "bwd", count, scope))
+    return calls
+
+
+def plan(model: ModelConfig, workload: Workload) -> Plan:
+    w = workload
+    if w.seq_len > model.max_seq_len:
+        raise PlanError(f"length {w.seq_len} exceeds {model.name}'s max_seq_len {model.max_seq_len}")
+    dims = _shard(model, w.tp)
+    d, h = model.head_dim, model.hidden
+    training, lora = w.training, w.phase == "finetune"
+    tokens = w.batch if w.phase == "decode" else w.batch * w.seq_len
+    lm_tokens = tokens if training else w.batch  # inference needs logits of the last position only
+    act_bytes = 2 if w.dtype == "fp8" else DTYPES[w.dtype].bytes  # fp8 GEMMs still pass bf16 activations
+    rows = RowsShape(tokens, h)
+    calls: list[OpCall] = []
+
+    def linear(role, out_f, in_f, count=1, scope="layer", n_tokens=tokens):
+        calls.extend(_linear(role, n_tokens, out_f, in_f, training, frozen=lora, count=count, scope=scope))
+        if lora and scope == "layer":
+            r = w.lora_rank  # x A^T then (x A^T) B^T; only the adapters get weight gradients
+            calls.extend(_linear(f"lora.{role}.a", n_tokens, r, in_f, training, False, count, scope))
+            calls.extend(_linear(f"lora.{role}.b", n_tokens, out_f, r, training, False, count, scope))
+
+    def tokenwise(role, op, shape, count=1, scope="layer"):
+        calls.extend(_tokenwise(role, op, shape, training, count, scope))
+
+    def allreduce(role, scope="layer"):
+        if w.tp > 1:  # forward all-reduce, and its twin on the backward path
+            n = 2 if training else 1
+            calls.append(OpCall(role, "allreduce", CollectiveShape(tokens * h * act_bytes, w.tp), "fwd", n, scope))
+
+    # Embedding (vocab-parallel under tp: each GPU holds a slice, partial results are all-reduced)
+    tokenwise("embed", "embedding", VocabShape(tokens, h, dims.vocab), scope="model")
+    allreduce("tp.allreduce.embed", scope="model")
+
+    # Attention block
+    tokenwise("norm.input", model.norm, rows)
+    linear("attn.qkv", (dims.heads + 2 * dims.kv_heads) * d, h)
+    if model.rotary != "none":
+        tokenwise("attn.rotary", "rotary",
+                  RotaryShape(tokens, dims.heads, dims.kv_heads, d, int(model.rotary == "gptj")))
+    window = model.sliding_window if model.sliding_window < w.seq_len else 0  # a window past the end is none
+    q_len = 1 if w.phase == "decode" else w.seq_len
+    tokenwise("attn.core", "attention",
+              AttentionShape(w.batch, dims.heads, dims.kv_heads, d, q_len, w.seq_len, 1, window))
+    linear("attn.o", h, dims.heads * d)
+    allreduce("tp.allreduce.attn")
+    tokenwise("residual.attn", "add", rows)
+
+    # MLP block (MoE: a router, then each expert sees its share of the tokens on average)
+    tokenwise("norm.post_attn", model.norm, rows)
+    up = (2 if model.gated else 1) * dims.ffn
+    if model.experts > 1:
+        linear("moe.router", model.experts, h)
+        per_expert = -(-tokens * model.experts_per_token // model.experts)
+        linear("mlp.gate_up", up, h, count=model.experts, n_tokens=per_expert)
+        tokenwise("mlp.act", model.activation, RowsShape(per_expert, dims.ffn), count=model.experts)
+        linear("mlp.down", h, dims.ffn, count=model.experts, n_tokens=per_expert)
+    else:
+        linear("mlp.gate_up", up, h)
+        tokenwise("mlp.act", model.activation, RowsShape(tokens, dims.ffn))
+        linear("mlp.down", h, dims.ffn)
+    allreduce("tp.allreduce.mlp")
+    tokenwise("residual.mlp", "add", rows)
+
+    # Final norm and LM head
+    tokenwise("norm.final", model.norm, rows, scope="model")
+    linear("lm_head", dims.vocab, h, scope="model", n_tokens=lm_tokens)
+    if training:
+        tokenwise("loss", "cross_entropy", VocabShape(tokens, dims.vocab, model.vocab), scope="model")
+        calls.extend(_optimizer_calls(model, w, dims))
+    return Plan(model, w, tuple(calls))
+
+
+def _optimizer_calls(model: ModelConfig, w: Workload, dims: _Dims) -> list[OpCall]:
+    """One AdamW step per training step over the parameters this GPU updates."""
+    h, d = model.hidden, model.head_dim
+    if w.phase == "finetune":  # only the adapters of the four projections train
+        pairs = [(h, (dims.heads + 2 * dims.kv_heads) * d), (dims.heads * d, h),
+                 (h, (2 if model.gated else 1) * dims.ffn), (dims.ffn, h)]
+        per_layer = sum(w.lora_rank * (i + o) for i, o in pairs)
+        return [OpCall("optim.adamw", "adamw", ParamsShape(per_layer))]
+    per_layer = model.params_per_layer // w.tp
+    model_params = dims.vocab * h * (1 if model.tied_embeddings else 2) + h
+    return [OpCall("optim.adamw", "adamw", ParamsShape(per_layer)),
+            OpCall("optim.adamw.embed", "adamw", ParamsShape(model_params), scope="model")]
