@@ -143,9 +143,11 @@ def load_hf_config(path: str | Path) -> ModelConfig:
         if old in cfg and new not in cfg:
             cfg[new] = cfg[old]
 
-    def field(key, default=None, required=True):
-        value = cfg.get(key, default)
-        if value is None and required:
+    def field(key, default=None):
+        value = cfg.get(key)
+        if value is None:  # absent, or null as configs write unused fields
+            value = default
+        if value is None:
             raise ConfigError(f"{where}: missing field '{key}'")
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise ConfigError(f"{where}: field '{key}' must be a positive integer, got {value!r}")
