@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from opbench.ops import get_family
+from opbench.ops import FAMILIES, get_family
 from opbench.workload import Plan
 
 
@@ -28,6 +28,11 @@ class Case:
         return f"{get_family(self.op).id_of(self.shape)}-{self.dtype}-{self.pass_}-{self.backend}"
 
 
+def case_dtype(op: str, dtype: str) -> str | None:
+    """The dtype an op runs in for a workload of `dtype` (its family decides; unmeasured ops keep it)."""
+    return get_family(op).case_dtype(dtype) if op in FAMILIES else dtype
+
+
 def build_cases(plans: Iterable[Plan], op: str, backends: Iterable[str] | None = None) -> list[Case]:
     """One case per distinct (shape, dtype, pass) of `op` in the plans and per backend, in plan order.
 
@@ -36,7 +41,7 @@ def build_cases(plans: Iterable[Plan], op: str, backends: Iterable[str] | None =
     family = get_family(op)
     roles: dict[tuple, list[str]] = {}
     for p in plans:
-        dtype = family.case_dtype(p.workload.dtype)
+        dtype = case_dtype(op, p.workload.dtype)
         if dtype is None:
             continue
         for call in p.calls:

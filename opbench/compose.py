@@ -1,0 +1,257 @@
+"""Composition: the time of every op call of a plan, from a run's measured cases, summed into modules,
+a layer and a model step.
+
+Each call's time has a source:
+  measured      a case of the same (op, shape, dtype, pass) was timed;
+  interpolated  cases of the same op, dtype, pass and backend that differ from the call in one shape
+                field (a sweep of tokens or context length) bracket it: linear interpolation;
+  modeled       a roofline t = max(flops / F, bytes / B) whose F and B are fitted to the run's
+                measured cases of the same op family.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from opbench.cases import case_dtype
+from opbench.dtypes import get_dtype
+from opbench.ops import FAMILIES, get_family
+from opbench.ops.base import shape_dict
+from opbench.workload import Plan
+
+SOURCES = ("measured", "interpolated", "modeled")
+
+# Module of a call, by the first part of its role (LoRA adapters count with the layer they adapt).
+MODULES = {"attn": "attention", "mlp": "mlp", "moe": "mlp", "norm": "norms+residuals",
+           "residual": "norms+residuals", "tp": "communication", "dp": "communication", "embed": "embedding+head",
+           "lm_head": "embedding+head", "loss": "embedding+head", "optim": "optimizer"}
+
+
+class MissingMeasurement(LookupError):
+    """A plan needs an op that the run measured in no form."""
+
+
+@dataclass(frozen=True)
+class Measurement:
+    op: str
+    shape: tuple[tuple[str, int], ...]  # sorted (field, value) pairs
+    dtype: str
+    pass_: str
+    backend: str
+    time_s: float  # median per call
+    flops: int
+    bytes: int
+    energy_j: float | None = None  # per call, where the run read the energy counter
+
+    @property
+    def fields(self) -> dict[str, int]:
+        return dict(self.shape)
+
+
+def shape_key(shape) -> tuple[tuple[str, int], ...]:
+    """A hashable, order-free form of a shape record or a shape dict."""
+    items = shape.items() if isinstance(shape, dict) else shape_dict(shape).items()
+    return tuple(sorted((k, int(v)) for k, v in items))
+
+
+def measurements_from_run(run: dict) -> list[Measurement]:
+    """The timed cases of a pytest-benchmark JSON written by opbench."""
+    found = []
+    for bench in run.get("benchmarks", []):
+        info = bench.get("extra_info") or {}
+        if "op" not in info or not bench.get("stats"):
+            continue
+        found.append(Measurement(info["op"], shape_key(info["shape"]), info["dtype"], info["pass"], info["backend"],
+                                 bench["stats"]["median"], info["flops"], info["bytes"], info.get("energy_j")))
+    return found
+
+
+# Backend policies: which backends a composition may pick from.
+POLICIES: dict[str, Callable[[str], bool]] = {
+    "fastest": lambda backend: True,
+    "vendor": lambda backend: not backend.startswith("triton"),
+    "triton": lambda backend: backend.startswith("triton"),
+}
+
+
+def backend_filter(policy: str) -> Callable[[str], bool]:
+    """A named policy, or the name of one backend."""
+    return POLICIES.get(policy, lambda backend: backend == policy)
+
+
+@dataclass(frozen=True)
+class CallTime:
+    role: str
+    op: str
+    pass_: str
+    count: int
+    scope: str  # layer | model
+    time_s: float  # one call
+    source: str  # measured | interpolated | modeled
+    backend: str | None
+    energy_j: float | None = None  # one call
+
+    @property
+    def module(self) -> str:
+        head = self.role.split(".")[1] if self.role.startswith("lora.") else self.role.split(".")[0]
+        return MODULES.get(head, "other")
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    plan: Plan
+    calls: tuple[CallTime, ...]
+
+    @property
+    def layer_s(self) -> float:
+        return sum(c.count * c.time_s for c in self.calls if c.scope == "layer")
+
+    @property
+    def total_s(self) -> float:
+        """One model step: every layer plus the model-scope calls."""
+        return self.plan.model.layers * self.layer_s + sum(c.count * c.time_s for c in self.calls if c.scope == "model")
+
+    @property
+    def energy_j(self) -> float | None:
+        if any(c.energy_j is None for c in self.calls):
+            return None
+        per_layer = sum(c.count * c.energy_j for c in self.calls if c.scope == "layer")
+        return self.plan.model.layers * per_layer + sum(c.count * c.energy_j for c in self.calls if c.scope == "model")
+
+    def modules_s(self) -> dict[str, float]:
+        """Time per module over one model step."""
+        out: dict[str, float] = defaultdict(float)
+        for c in self.calls:
+            out[c.module] += c.count * c.time_s * (self.plan.model.layers if c.scope == "layer" else 1)
+        return dict(out)
+
+    def sources(self) -> dict[str, int]:
+        counts = dict.fromkeys(SOURCES, 0)
+        for c in self.calls:
+            counts[c.source] += 1
+        return counts
+
+    def to_dict(self) -> dict:
+        total = self.total_s
+        return {
+            "plan": self.plan.name,
+            "layer_s": self.layer_s,
+            "total_s": total,
+            "energy_j": self.energy_j,
+            "modules": {m: {"time_s": t, "share": t / total if total else 0.0} for m, t in self.modules_s().items()},
+            "sources": self.sources(),
+            "calls": [{"role": c.role, "op": c.op, "pass": c.pass_, "count": c.count, "scope": c.scope,
+                       "time_s": c.time_s, "source": c.source, "backend": c.backend} for c in self.calls],
+        }
+
+
+class Composer:
+    """Looks up, interpolates or models the time of op calls from one run's measurements."""
+
+    def __init__(self, measurements: Iterable[Measurement], policy: str = "fastest"):
+        self.policy = policy
+        allowed = backend_filter(policy)
+        self.measurements = [m for m in measurements if allowed(m.backend)]
+        self._exact: dict[tuple, Measurement] = {}
+        for m in self.measurements:
+            key = (m.op, m.shape, m.dtype, m.pass_)
+            if key not in self._exact or m.time_s < self._exact[key].time_s:
+                self._exact[key] = m
+        self._fits: dict[tuple, tuple[float, float]] = {}
+
+    def time(self, op: str, shape, dtype: str, pass_: str, role: str = "") -> tuple[float, str, str | None, float | None]:
+        """(seconds per call, source, backend, joules per call) for one call."""
+        dtype = case_dtype(op, dtype)
+        key = shape_key(shape)
+        exact = self._exact.get((op, key, dtype, pass_))
+        if exact is not None:
+            return exact.time_s, "measured", exact.backend, exact.energy_j
+        interpolated = self._interpolate(op, key, dtype, pass_)
+        if interpolated is not None:
+            return interpolated + (None,)
+        return self._model(op, key, dtype, pass_, role), "modeled", None, None
+
+    def _interpolate(self, op, key, dtype, pass_) -> tuple[float, str, str] | None:
+        target = dict(key)
+        best = None
+        for backend in {m.backend for m in self.measurements if m.op == op}:
+            sweeps: dict[str, list[tuple[int, float]]] = defaultdict(list)
+            for m in self.measurements:
+                if (m.op, m.dtype, m.pass_, m.backend) != (op, dtype, pass_, backend):
+                    continue
+                fields = m.fields
+                if fields.keys() != target.keys():
+                    continue
+                differ = [k for k in target if fields[k] != target[k]]
+                if len(differ) == 1:
+                    sweeps[differ[0]].append((fields[differ[0]], m.time_s))
+            for name, points in sweeps.items():
+                t = _interpolate_linear(sorted(points), target[name])
+                if t is not None and (best is None or t < best[0]):
+                    best = (t, "interpolated", backend)
+        return best
+
+    def _model(self, op, key, dtype, pass_, role) -> float:
+        fit = self._fit(op, dtype) or self._fit(op, None)
+        if fit is None:
+            raise MissingMeasurement(f"the run has no measurement of op '{op}'{f' (role {role})' if role else ''}")
+        family = get_family(op)
+        shape = family.shape_type(**dict(key))
+        flops, nbytes = family.flops(shape, pass_), family.bytes(shape, get_dtype(dtype), pass_)
+        peak_flops, peak_bytes = fit
+        return max(flops / peak_flops if peak_flops else 0.0, nbytes / peak_bytes if peak_bytes else 0.0)
+
+    def _fit(self, op: str, dtype: str | None) -> tuple[float, float] | None:
+        key = (op, dtype)
+        if key not in self._fits:
+            cases = [m for m in self.measurements if m.op == op and (dtype is None or m.dtype == dtype)]
+            self._fits[key] = fit_roofline([(m.flops, m.bytes, m.time_s) for m in cases]) if cases else None
+        return self._fits[key]
+
+    def compose(self, plan: Plan) -> Breakdown:
+        calls = []
+        for c in plan.calls:
+            try:
+                t, source, backend, energy = self.time(c.op, c.shape, plan.workload.dtype, c.pass_, c.role)
+            except MissingMeasurement as missing:
+                w = plan.workload
+                how = (f"measure it with: pytest bench/ --model {plan.model.name} --workload {w.label} "
+                       f"--dtype {w.dtype} -k {c.op}" if c.op in FAMILIES else "no bench module measures this op yet")
+                raise MissingMeasurement(f"{missing}; {how}") from None
+            calls.append(CallTime(c.role, c.op, c.pass_, c.count, c.scope, t, source, backend, energy))
+        return Breakdown(plan, tuple(calls))
+
+
+def _interpolate_linear(points: list[tuple[int, float]], x: int) -> float | None:
+    """Linear interpolation between the two measured points that bracket x; None outside the sweep."""
+    for (x0, t0), (x1, t1) in zip(points, points[1:]):
+        if x0 <= x <= x1 and x1 > x0:
+            return t0 + (t1 - t0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def fit_roofline(cases: list[tuple[int, int, float]]) -> tuple[float, float]:
+    """F (FLOP/s) and B (B/s) of t = max(flops / F, bytes / B) that best fit (flops, bytes, seconds)
+    in log error. Candidates are the achieved rates of the cases themselves: the fitted ceilings are
+    rates the run reached, never a datasheet's."""
+    flop_rates = _spread(sorted({f / t for f, _, t in cases if f > 0 and t > 0})) or [0.0]
+    byte_rates = _spread(sorted({b / t for _, b, t in cases if b > 0 and t > 0})) or [0.0]
+
+    def error(peak_f: float, peak_b: float) -> float:
+        total = 0.0
+        for f, b, t in cases:
+            model = max(f / peak_f if peak_f else 0.0, b / peak_b if peak_b else 0.0)
+            total += math.log(model / t) ** 2 if model > 0 and t > 0 else math.inf
+        return total
+
+    return min(((f, b) for f in flop_rates for b in byte_rates), key=lambda fb: error(*fb))
+
+
+def _spread(values: list[float], most: int = 32) -> list[float]:
+    """At most `most` values spread evenly over a sorted list, its ends included."""
+    if len(values) <= most:
+        return values
+    return [values[round(i * (len(values) - 1) / (most - 1))] for i in range(most)]

@@ -1,0 +1,163 @@
+"""End-to-end estimates from composed breakdowns: latency, throughput, MFU, memory, GPU count, cost,
+and the idealized runtime in the HELM form."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+from opbench.compose import Breakdown, CallTime, Composer
+from opbench.dtypes import DTYPES
+from opbench.models import ModelConfig
+from opbench.workload import Workload, plan
+
+HELM_PROMPT_TOKENS = (1, 16, 32, 64, 128, 256, 512, 1024, 1536, 2048)
+
+# collective_s(op, size_bytes, world) -> seconds: a measured fit or a fabric profile.
+CollectiveTime = Callable[[str, int, int], float]
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    recompute: bool = False  # full activation recomputation: every layer's forward runs twice
+    dp: int = 1  # data-parallel replicas whose gradients are all-reduced every step
+    overlap: bool = True  # gradient all-reduce hidden behind the backward pass where it fits
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes per GPU."""
+    weights_bytes: int
+    kv_cache_bytes: int
+    activations_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.weights_bytes + self.kv_cache_bytes + self.activations_bytes + self.grads_bytes
+                + self.optimizer_bytes)
+
+
+def memory(model: ModelConfig, w: Workload) -> Memory:
+    """Weights at the workload dtype; KV cache of batch x length; in training bf16 gradients, fp32
+    AdamW state with fp32 master weights (12 B/param), and stored activations per Korthikanti et al.
+    2022 (arXiv 2205.05198) with attention scores never materialised, s*b*h*(10 + 24/tp) bytes per
+    layer (2*s*b*h with full recomputation is not assumed here)."""
+    tp, elt = w.tp, DTYPES[w.dtype].bytes
+    act = 2 if w.dtype == "fp8" else elt
+    weights = model.params * elt // tp
+    kv_heads = max(1, model.kv_heads // tp)
+    kv = 2 * model.layers * kv_heads * model.head_dim * w.batch * w.seq_len * act
+    if not w.training:
+        return Memory(weights, kv, 0, 0, 0)
+    tokens_hidden = w.seq_len * w.batch * model.hidden
+    activations = model.layers * int(tokens_hidden * (10 + 24 / tp))
+    trained = trained_params(model, w)
+    return Memory(weights, 0, activations, 2 * trained, 12 * trained)
+
+
+def trained_params(model: ModelConfig, w: Workload) -> int:
+    """Parameters one GPU updates per step: what the plan's optimizer calls cover."""
+    return sum(c.shape.params * (model.layers if c.scope == "layer" else 1)
+               for c in plan(model, w).calls if c.op == "adamw")
+
+
+def fewest_gpus(model: ModelConfig, w: Workload, gpu_memory_bytes: int, usable: float = 0.9) -> int | None:
+    """The smallest tensor-parallel degree (a power of two dividing the heads) whose per-GPU memory
+    fits in `usable` of a GPU; None if even the largest such degree does not fit."""
+    tp = 1
+    while model.heads % tp == 0:
+        try:
+            need = memory(model, replace(w, tp=tp)).total_bytes
+        except ValueError:
+            need = math.inf
+        if need <= usable * gpu_memory_bytes:
+            return tp
+        tp *= 2
+    return None
+
+
+def model_flops_per_token(model: ModelConfig, seq_len: int) -> int:
+    """PaLM's (Chowdhery et al. 2022, appendix B) training FLOPs per token: 6N + 12 L H Q T, N the
+    non-embedding parameters."""
+    n = model.layers * model.params_per_layer
+    return 6 * n + 12 * model.layers * model.heads * model.head_dim * seq_len
+
+
+@dataclass(frozen=True)
+class Estimate:
+    model: str
+    workload: str
+    dtype: str
+    gpus: int
+    time_s: float  # prefill: time to first token; decode: one token per sequence; train: one step
+    tokens_per_s_per_gpu: float
+    gpu_s_per_1k_tokens: float
+    mfu: float | None
+    energy_j_per_token: float | None
+    memory: Memory
+    modules_s: dict
+    sources: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def estimate(composer: Composer, model: ModelConfig, w: Workload, *, peak_flops: float | None = None,
+             train: TrainOptions = TrainOptions(), collective_s: CollectiveTime | None = None) -> Estimate:
+    """peak_flops: the card's dense FLOP/s at the workload dtype, for MFU (None: no MFU)."""
+    breakdown = composer.compose(plan(model, w))
+    if w.training:
+        breakdown = _training_extras(breakdown, train, collective_s)
+    total_s = breakdown.total_s
+    gpus = w.tp * (train.dp if w.training else 1)
+    tokens = w.batch if w.phase == "decode" else w.batch * w.seq_len
+    tokens_per_s = tokens * (train.dp if w.training else 1) / total_s
+    mfu = None
+    if w.training and peak_flops:
+        mfu = tokens_per_s * model_flops_per_token(model, w.seq_len) / (peak_flops * gpus)
+    energy = breakdown.energy_j
+    return Estimate(model.name, w.label, w.dtype, gpus, total_s, tokens_per_s / gpus,
+                    1000 * gpus / tokens_per_s, mfu, energy / tokens if energy is not None else None,
+                    memory(model, w), breakdown.modules_s(), breakdown.sources())
+
+
+def _training_extras(b: Breakdown, opts: TrainOptions, collective_s: CollectiveTime | None) -> Breakdown:
+    """Add recomputation (another forward of every layer-scope call) and data-parallel gradient
+    all-reduce (hidden behind the backward where overlap allows)."""
+    calls = list(b.calls)
+    if opts.recompute:
+        calls += [replace(c, role=f"{c.role}.recompute") for c in b.calls if c.scope == "layer" and c.pass_ == "fwd"
+                  and c.op != "adamw"]
+    if opts.dp > 1:
+        if collective_s is None:
+            raise ValueError("data-parallel estimates need a collective model (a measured fit or a fabric profile)")
+        model, w = b.plan.model, b.plan.workload
+        grad_bytes = 2 * (model.params // w.tp)
+        comm = collective_s("allreduce", grad_bytes, opts.dp)
+        if opts.overlap:
+            backward = sum(c.count * c.time_s * (model.layers if c.scope == "layer" else 1)
+                           for c in b.calls if c.pass_ in ("dgrad", "wgrad", "bwd"))
+            comm = max(0.0, comm - backward)
+        calls.append(CallTime("dp.allreduce.grads", "allreduce", "fwd", 1, "model", comm, "modeled", None))
+    return Breakdown(b.plan, tuple(calls))
+
+
+def idealized_runtime(composer: Composer, model: ModelConfig, *, tp: int = 1, dtype: str = "bf16",
+                      decode_context: int = 1024, prompt_tokens=HELM_PROMPT_TOKENS,
+                      cost_aware: bool = False) -> dict:
+    """HELM's idealized runtime: runtime(p, o) = prompt_cost(p) + (o - 1) x per_output_token, at batch
+    1. The per-token cost is a decode step at `decode_context` tokens of context. cost_aware
+    multiplies by the GPUs used (the tensor-parallel degree)."""
+    scale = tp if cost_aware else 1
+
+    def seconds(phase: str, length: int) -> float:
+        return composer.compose(plan(model, Workload(phase, 1, length, tp=tp, dtype=dtype))).total_s * scale
+
+    prompts = [p for p in prompt_tokens if p <= model.max_seq_len]
+    return {
+        "runtime_per_output_token": seconds("decode", min(decode_context, model.max_seq_len)),
+        "runtime_for_prompt_tokens": {str(p): seconds("prefill", p) for p in prompts},
+    }

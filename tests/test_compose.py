@@ -1,0 +1,85 @@
+"""Composition arithmetic on synthetic runs whose answers are known."""
+
+import pytest
+
+from opbench.compose import Composer, Measurement, MissingMeasurement, fit_roofline, shape_key
+from opbench.dtypes import DTYPES
+from opbench.models import ZOO
+from opbench.ops.gemm import GemmShape, bytes_moved, flops
+from opbench.workload import Plan, Workload, plan
+
+
+def measure_plan(p, seconds, backend="torch"):
+    """A synthetic run that measured every distinct call of plan p, with time seconds(call)."""
+    seen = {}
+    for c in p.calls:
+        seen[(c.op, shape_key(c.shape), c.pass_)] = Measurement(
+            c.op, shape_key(c.shape), p.workload.dtype, c.pass_, backend, seconds(c), 1, 1)
+    return list(seen.values())
+
+
+def gemm(m, n, k, t, backend="torch", dtype="fp32", pass_="fwd"):
+    s = GemmShape(m, n, k)
+    return Measurement("gemm", shape_key(s), dtype, pass_, backend, t, flops(s), bytes_moved(s, DTYPES[dtype]))
+
+
+def test_measured_plan_sums_layers_and_model_scope():
+    p = plan(ZOO["tiny"], Workload("prefill", 2, 96, dtype="fp32"))
+    cost = {"gemm": 10e-6, "attention": 20e-6}  # everything else 1 us
+    b = Composer(measure_plan(p, lambda c: cost.get(c.op, 1e-6))).compose(p)
+    layer = sum(c.count * cost.get(c.op, 1e-6) for c in p.calls if c.scope == "layer")
+    model = sum(c.count * cost.get(c.op, 1e-6) for c in p.calls if c.scope == "model")
+    assert b.layer_s == pytest.approx(layer)
+    assert b.total_s == pytest.approx(ZOO["tiny"].layers * layer + model)
+    assert b.sources() == {"measured": len(p.calls), "interpolated": 0, "modeled": 0}
+    modules = b.modules_s()
+    assert sum(modules.values()) == pytest.approx(b.total_s)
+    # attention block per layer: qkv + o GEMMs, rotary, core attention
+    assert modules["attention"] == pytest.approx(ZOO["tiny"].layers * (2 * 10e-6 + 1e-6 + 20e-6))
+    shares = b.to_dict()["modules"]
+    assert sum(m["share"] for m in shares.values()) == pytest.approx(1.0)
+
+
+def test_interpolation_along_a_sweep_and_modeled_outside_it():
+    run = [gemm(100, 64, 64, 1e-3), gemm(300, 64, 64, 3e-3), gemm(64, 4096, 4096, 2e-3)]
+    composer = Composer(run)
+    t, source, backend, _ = composer.time("gemm", GemmShape(200, 64, 64), "fp32", "fwd")
+    assert (t, source, backend) == (pytest.approx(2e-3), "interpolated", "torch")
+    t, source, _, _ = composer.time("gemm", GemmShape(400, 64, 64), "fp32", "fwd")
+    assert source == "modeled"
+    exact = composer.time("gemm", GemmShape(300, 64, 64), "fp32", "fwd")
+    assert exact[:2] == (3e-3, "measured")
+
+
+def test_roofline_fit_recovers_known_ceilings():
+    peak_f, peak_b = 50e12, 2e12
+    shapes = [GemmShape(8192, 8192, 8192), GemmShape(4096, 4096, 4096), GemmShape(1, 4096, 4096),
+              GemmShape(16, 8192, 8192), GemmShape(2048, 2048, 2048)]
+    run = []
+    for s in shapes:
+        f, b = flops(s), bytes_moved(s, DTYPES["bf16"])
+        run.append(Measurement("gemm", shape_key(s), "bf16", "fwd", "torch", max(f / peak_f, b / peak_b), f, b))
+    fitted_f, fitted_b = fit_roofline([(m.flops, m.bytes, m.time_s) for m in run])
+    assert fitted_f == pytest.approx(peak_f) and fitted_b == pytest.approx(peak_b)
+    new = GemmShape(3, 1000, 3000)  # memory-bound, measured nowhere
+    t, source, _, _ = Composer(run).time("gemm", new, "bf16", "fwd")
+    assert source == "modeled" and t == pytest.approx(bytes_moved(new, DTYPES["bf16"]) / peak_b)
+
+
+def test_backend_policies_pick_among_allowed_backends():
+    run = [gemm(64, 64, 64, 2e-3, "torch"), gemm(64, 64, 64, 1e-3, "triton")]
+    shape = GemmShape(64, 64, 64)
+    assert Composer(run).time("gemm", shape, "fp32", "fwd")[2] == "triton"
+    assert Composer(run, "vendor").time("gemm", shape, "fp32", "fwd")[:3] == (2e-3, "measured", "torch")
+    assert Composer(run, "torch").time("gemm", shape, "fp32", "fwd")[2] == "torch"
+
+
+def test_missing_op_names_the_op_and_role():
+    composer = Composer([gemm(64, 64, 64, 1e-3)])
+    with pytest.raises(MissingMeasurement, match=r"no measurement of op 'embedding' \(role embed\)"):
+        composer.compose(plan(ZOO["tiny"], Workload("decode", 1, 64, dtype="fp32")))
+    with pytest.raises(MissingMeasurement, match=r"no measurement of op 'gemm' \(role attn.qkv\); measure it "
+                                                 r"with: pytest bench/ --model tiny --workload decode:b=1,s=64,tp=1 "
+                                                 r"--dtype bf16 -k gemm"):
+        p = plan(ZOO["tiny"], Workload("decode", 1, 64))
+        Composer([]).compose(Plan(p.model, p.workload, tuple(c for c in p.calls if c.op == "gemm")))
