@@ -57,21 +57,24 @@ def shape_key(shape) -> tuple[tuple[str, int], ...]:
     return tuple(sorted((k, int(v)) for k, v in items))
 
 
+def measurement(info: dict) -> Measurement | None:
+    """The measurement an op case's extra_info records; None for other cases (units, untimed)."""
+    if "shape" not in info or info.get("median_s") is None:
+        return None
+    return Measurement(info["op"], shape_key(info["shape"]), info["dtype"], info["pass"], info["backend"],
+                       info["median_s"], info["flops"], info["bytes"], info.get("energy_j"))
+
+
 def measurements_from_run(run: dict) -> list[Measurement]:
-    """The timed cases of a pytest-benchmark JSON written by opbench."""
-    found = []
-    for bench in run.get("benchmarks", []):
-        info = bench.get("extra_info") or {}
-        if "op" not in info or not bench.get("stats"):
-            continue
-        found.append(Measurement(info["op"], shape_key(info["shape"]), info["dtype"], info["pass"], info["backend"],
-                                 bench["stats"]["median"], info["flops"], info["bytes"], info.get("energy_j")))
-    return found
+    """The timed op cases of a pytest-benchmark JSON written by opbench."""
+    found = (measurement(bench.get("extra_info") or {}) for bench in run.get("benchmarks", []))
+    return [m for m in found if m is not None]
 
 
 # Backend policies: which backends a composition may pick from.
 POLICIES: dict[str, Callable[[str], bool]] = {
     "fastest": lambda backend: True,
+    "eager": lambda backend: backend == "torch" or backend.startswith("sdpa"),  # what reference_layer calls
     "vendor": lambda backend: not backend.startswith("triton"),
     "triton": lambda backend: backend.startswith("triton"),
 }

@@ -105,10 +105,14 @@ class Estimate:
         return asdict(self)
 
 
-def estimate(composer: Composer, model: ModelConfig, w: Workload, *, peak_flops: float | None = None,
-             train: TrainOptions = TrainOptions(), collective_s: CollectiveTime | None = None) -> Estimate:
+def estimate(composer: Composer, model: ModelConfig, w: Workload, **options) -> Estimate:
+    return estimate_from(composer.compose(plan(model, w)), **options)
+
+
+def estimate_from(breakdown: Breakdown, *, peak_flops: float | None = None, train: TrainOptions = TrainOptions(),
+                  collective_s: CollectiveTime | None = None) -> Estimate:
     """peak_flops: the card's dense FLOP/s at the workload dtype, for MFU (None: no MFU)."""
-    breakdown = composer.compose(plan(model, w))
+    model, w = breakdown.plan.model, breakdown.plan.workload
     if w.training:
         breakdown = _training_extras(breakdown, train, collective_s)
     total_s = breakdown.total_s

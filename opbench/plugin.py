@@ -13,7 +13,9 @@ from opbench.harness import RunSettings, run_case
 from opbench.hardware import gpu_info, software_versions, stable_facts
 from opbench.ops import FAMILIES, get_family
 from opbench.selection import PROFILES, Selection, SelectionError, select
-from opbench.summary import summary_lines
+from opbench.results import compose_session
+from opbench.summary import composition_lines, summary_lines
+from opbench.validation import UnitCase, run_unit_case
 
 
 @dataclass
@@ -21,6 +23,15 @@ class _State:
     selection: Selection
     settings: RunSettings
     timed: list[tuple[Case, dict]] = field(default_factory=list)
+    units: list[tuple[UnitCase, dict]] = field(default_factory=list)
+    _composition: dict | None = None
+
+    def composition(self) -> dict:
+        """The run composed: computed once, when the JSON or the summary first asks."""
+        if self._composition is None:
+            infos = [info for _, info in self.timed] + [info for _, info in self.units]
+            self._composition = compose_session(self.selection.plans, infos)
+        return self._composition
 
 
 def pytest_addoption(parser):
@@ -106,6 +117,18 @@ def measure_case(benchmark, request):
     return run
 
 
+@pytest.fixture
+def measure_unit(benchmark, request):
+    """Time a decoder layer or a whole model as one unit (bench/test_layer.py)."""
+    state: _State = request.config._opbench
+
+    def run(unit: UnitCase) -> None:
+        run_unit_case(benchmark, unit, state.settings)
+        if benchmark.stats is not None:
+            state.units.append((unit, dict(benchmark.extra_info)))
+    return run
+
+
 def pytest_report_header(config):
     state: _State | None = getattr(config, "_opbench", None)
     if state is None:
@@ -142,6 +165,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         "settings": {"budget_s": state.settings.budget_s, "min_rounds": state.settings.min_rounds,
                      "cold_l2": state.settings.cold_l2},
         "plans": [p.to_dict() for p in state.selection.plans],
+        **state.composition(),
     }
 
 
@@ -151,4 +175,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     terminalreporter.section("opbench summary")
     for line in summary_lines(state.timed, state.settings.device):
+        terminalreporter.write_line(line)
+    terminalreporter.section("opbench estimates")
+    for line in composition_lines(state.composition()):
         terminalreporter.write_line(line)

@@ -30,3 +30,35 @@ def summary_lines(timed: list[tuple[Case, dict]], device: str) -> list[str]:
              "timer x calls per timed replay (cuda-graph) or round (cpu)"]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     return lines
+
+
+_WHAT = {"prefill": "time to first token", "decode": "per output token", "train": "step", "finetune": "step"}
+
+
+def composition_lines(result: dict) -> list[str]:
+    """Per plan: the model step, its modules (time and share), the end-to-end figures; then the
+    composed-versus-measured check of the units."""
+    lines = []
+    for b, e in zip(result["breakdowns"], result["estimates"]):
+        src = ", ".join(f"{n} {k}" for k, n in b["sources"].items() if n)
+        phase = b["plan"].split("/")[1].split(":")[0]
+        lines.append(f"{b['plan']}: {_WHAT[phase]} {format_seconds(b['total_s'])} "
+                     f"(layer {format_seconds(b['layer_s'])}; calls: {src})")
+        modules = sorted(b["modules"].items(), key=lambda kv: -kv[1]["time_s"])
+        lines.append("  " + " | ".join(f"{m} {format_seconds(v['time_s'])} {100 * v['share']:.1f}%"
+                                       for m, v in modules))
+        figures = [f"{e['tokens_per_s_per_gpu']:.4g} tokens/s per GPU",
+                   f"{e['gpu_s_per_1k_tokens']:.3g} GPU-s per 1k tokens",
+                   f"memory {e['memory']['weights_bytes'] / 2**30:.3g} GiB weights + "
+                   f"{(e['memory']['kv_cache_bytes'] + e['memory']['activations_bytes']) / 2**30:.3g} GiB cache/activations"]
+        if e["mfu"] is not None:
+            figures.append(f"MFU {100 * e['mfu']:.1f}%")
+        lines.append("  " + "; ".join(figures))
+    for m in result["missing"]:
+        lines.append(f"not composed: {m['plan']}{' ' + m['unit'] if 'unit' in m else ''}: {m['reason']}")
+    if result["validation"]:
+        lines.append("composed vs measured (units run torch's eager ops; no all-reduce, no optimizer step):")
+        for v in result["validation"]:
+            lines.append(f"  {v['plan']} {v['unit']}: measured {format_seconds(v['measured_s'])}, "
+                         f"composed {format_seconds(v['composed_s'])}, error {v['error_pct']:+.1f}%")
+    return lines

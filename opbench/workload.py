@@ -108,7 +108,7 @@ class Plan:
 
 
 @dataclass(frozen=True)
-class _Dims:
+class ShardDims:
     """Per-GPU sizes of one layer under tensor parallelism."""
     heads: int
     kv_heads: int
@@ -116,7 +116,7 @@ class _Dims:
     vocab: int
 
 
-def _shard(model: ModelConfig, tp: int) -> _Dims:
+def shard(model: ModelConfig, tp: int) -> ShardDims:
     if model.heads % tp:
         raise PlanError(f"tp={tp} does not divide {model.name}'s {model.heads} attention heads")
     if model.kv_heads % tp == 0:
@@ -127,7 +127,7 @@ def _shard(model: ModelConfig, tp: int) -> _Dims:
         raise PlanError(f"tp={tp} neither divides nor is a multiple of {model.name}'s {model.kv_heads} kv heads")
     if model.ffn_hidden % tp:
         raise PlanError(f"tp={tp} does not divide {model.name}'s MLP width {model.ffn_hidden}")
-    return _Dims(model.heads // tp, kv_heads, model.ffn_hidden // tp, -(-model.vocab // tp))
+    return ShardDims(model.heads // tp, kv_heads, model.ffn_hidden // tp, -(-model.vocab // tp))
 
 
 def _linear(role: str, tokens: int, out_features: int, in_features: int, training: bool, frozen: bool,
@@ -152,7 +152,7 @@ def plan(model: ModelConfig, workload: Workload) -> Plan:
     w = workload
     if w.seq_len > model.max_seq_len:
         raise PlanError(f"length {w.seq_len} exceeds {model.name}'s max_seq_len {model.max_seq_len}")
-    dims = _shard(model, w.tp)
+    dims = shard(model, w.tp)
     d, h = model.head_dim, model.hidden
     training, lora = w.training, w.phase == "finetune"
     tokens = w.batch if w.phase == "decode" else w.batch * w.seq_len
@@ -219,7 +219,7 @@ def plan(model: ModelConfig, workload: Workload) -> Plan:
     return Plan(model, w, tuple(calls))
 
 
-def _optimizer_calls(model: ModelConfig, w: Workload, dims: _Dims) -> list[OpCall]:
+def _optimizer_calls(model: ModelConfig, w: Workload, dims: ShardDims) -> list[OpCall]:
     """One AdamW step per training step over the parameters this GPU updates."""
     h, d = model.hidden, model.head_dim
     if w.phase == "finetune":  # only the adapters of the four projections train

@@ -68,9 +68,13 @@ def shape_dict(shape) -> dict[str, int]:
     return {k: int(v) for k, v in dataclasses.asdict(shape).items()}
 
 
-def high_precision(t: torch.Tensor) -> torch.Tensor:
+def high_precision_dtype(device: torch.device | str) -> torch.dtype:
     """The reference's precision: float64 on CPU, float32 on GPUs (whose float64 is slow)."""
-    return t.to(torch.float64 if t.device.type == "cpu" else torch.float32)
+    return torch.float64 if torch.device(device).type == "cpu" else torch.float32
+
+
+def high_precision(t: torch.Tensor) -> torch.Tensor:
+    return t.to(high_precision_dtype(t.device))
 
 
 # Reasons shared by backends -------------------------------------------------------------------------

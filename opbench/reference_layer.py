@@ -1,0 +1,136 @@
+"""A Llama-style decoder layer, and a whole model of such layers, from plain torch ops.
+
+Timed as one unit (bench/test_layer.py) to check what composition predicts from the op-by-op cases.
+Shapes are one GPU's under tensor parallelism; the all-reduces are left out, as one GPU cannot run
+them, and composition leaves them out of the comparison too.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from opbench.models import ModelConfig
+from opbench.workload import Workload, shard
+
+ACTIVATIONS = {"swiglu": F.silu, "geglu": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu}
+
+
+def supported(model: ModelConfig) -> str | None:
+    """Why the reference layer cannot stand for this model, or None."""
+    if model.experts > 1:
+        return "mixture-of-experts layers have no reference layer (expert routing is data-dependent)"
+    return None
+
+
+def _norm(model: ModelConfig, width: int) -> nn.Module:
+    return nn.RMSNorm(width, eps=1e-5) if model.norm == "rmsnorm" else nn.LayerNorm(width, eps=1e-5)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    if interleaved:  # GPT-J: pairs (x0, x1), (x2, x3), ...
+        pairs = x.unflatten(-1, (-1, 2))
+        rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+        return x * cos.repeat_interleave(2, -1) + rotated * sin.repeat_interleave(2, -1)
+    half = x.shape[-1] // 2  # GPT-NeoX / Llama: the two halves rotate together
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * torch.cat((cos, cos), -1) + rotated * torch.cat((sin, sin), -1)
+
+
+class ReferenceLayer(nn.Module):
+    def __init__(self, model: ModelConfig, tp: int = 1):
+        super().__init__()
+        dims = shard(model, tp)
+        self.model, self.heads, self.kv_heads = model, dims.heads, dims.kv_heads
+        h, d = model.hidden, model.head_dim
+        self.norm_input, self.norm_post_attn = _norm(model, h), _norm(model, h)
+        self.qkv = nn.Linear(h, (dims.heads + 2 * dims.kv_heads) * d, bias=False)
+        self.o = nn.Linear(dims.heads * d, h, bias=False)
+        self.gate_up = nn.Linear(h, (2 if model.gated else 1) * dims.ffn, bias=False)
+        self.down = nn.Linear(dims.ffn, h, bias=False)
+        self.act = ACTIVATIONS[model.activation]
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x: (batch, q_len, hidden). cache: K and V of (batch, kv_heads, kv_len, head_dim) whose last
+        q_len positions this call fills (decode); None attends within x (prefill, train)."""
+        b, s, _ = x.shape
+        d = self.model.head_dim
+        q, k, v = self.qkv(self.norm_input(x)).split([self.heads * d, self.kv_heads * d, self.kv_heads * d], -1)
+        q = q.view(b, s, self.heads, d).transpose(1, 2)
+        k = k.view(b, s, self.kv_heads, d).transpose(1, 2)
+        v = v.view(b, s, self.kv_heads, d).transpose(1, 2)
+        if rope is not None:
+            interleaved = self.model.rotary == "gptj"
+            q, k = _rotate(q, *rope, interleaved), _rotate(k, *rope, interleaved)
+        if cache is not None:
+            cache[0][:, :, -s:], cache[1][:, :, -s:] = k, v
+            k, v = cache
+        mask = self._mask(s, k.shape[2], x.device)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and s > 1,
+                                              enable_gqa=self.heads != self.kv_heads)
+        x = x + self.o(attn.transpose(1, 2).reshape(b, s, self.heads * d))
+        up = self.gate_up(self.norm_post_attn(x))
+        if self.model.gated:
+            gate, up = up.chunk(2, dim=-1)
+            hidden = self.act(gate) * up
+        else:
+            hidden = self.act(up)
+        return x + self.down(hidden)
+
+    def _mask(self, q_len: int, kv_len: int, device) -> torch.Tensor | None:
+        """Causal, aligned bottom-right, within the sliding window if any. None where SDPA's own
+        is_causal says the same (square, or one query), so fused kernels stay eligible."""
+        window = self.model.sliding_window
+        if (q_len == kv_len or q_len == 1) and not (window and window < kv_len):
+            return None
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+        k_pos = torch.arange(kv_len, device=device)[None, :]
+        mask = k_pos <= q_pos
+        if self.model.sliding_window:
+            mask &= k_pos > q_pos - self.model.sliding_window
+        return mask
+
+
+class ReferenceModel(nn.Module):
+    """Embedding, the decoder layers, the final norm and the LM head (logits of the last position
+    in inference, of every position in training, as the plan has it)."""
+
+    def __init__(self, model: ModelConfig, tp: int = 1):
+        super().__init__()
+        dims = shard(model, tp)
+        self.embed = nn.Embedding(dims.vocab, model.hidden)
+        self.layers = nn.ModuleList(ReferenceLayer(model, tp) for _ in range(model.layers))
+        self.norm = _norm(model, model.hidden)
+        self.lm_head = nn.Linear(model.hidden, dims.vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor, rope, caches=None, last_only: bool = True) -> torch.Tensor:
+        x = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, caches[i] if caches is not None else None)
+        x = self.norm(x)
+        return self.lm_head(x[:, -1:] if last_only else x)
+
+
+def rope_tables(model: ModelConfig, positions: torch.Tensor, dtype: torch.dtype):
+    """cos and sin of (len(positions), head_dim / 2), base 10000; None for models without rotary."""
+    if model.rotary == "none":
+        return None
+    half = model.head_dim // 2
+    inv_freq = 1.0 / (10000 ** (torch.arange(half, device=positions.device, dtype=torch.float64) / half))
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def layer_inputs(model: ModelConfig, w: Workload, dtype: torch.dtype, device: str) -> dict:
+    """Random activations (and a filled KV cache in decode) for one layer at workload w."""
+    q_len = 1 if w.phase == "decode" else w.seq_len
+    x = torch.randn(w.batch, q_len, model.hidden, device=device, dtype=dtype)
+    positions = torch.arange(w.seq_len - q_len, w.seq_len, device=device)
+    inputs = {"x": x, "rope": rope_tables(model, positions, dtype), "cache": None}
+    if w.phase == "decode":
+        kv = shard(model, w.tp).kv_heads
+        inputs["cache"] = tuple(torch.randn(w.batch, kv, w.seq_len, model.head_dim, device=device, dtype=dtype)
+                                for _ in range(2))
+    return inputs

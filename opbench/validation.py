@@ -1,0 +1,130 @@
+"""Validation cases: a decoder layer (and a whole small model) timed as one unit at a plan's workload,
+so that composition can be checked against it."""
+
+from __future__ import annotations
+
+import copy
+import zlib
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from opbench.compose import Breakdown
+from opbench.dtypes import get_dtype
+from opbench.harness import RunSettings
+from opbench.ops.base import high_precision, high_precision_dtype
+from opbench.reference_layer import ReferenceLayer, ReferenceModel, layer_inputs, rope_tables, supported
+from opbench.timing import check, measure
+from opbench.workload import Plan
+
+WHOLE_MODEL_MAX_PARAMS = 1e9  # whole models are timed only when small (the tiny model on a CPU)
+EXCLUDED_MODULES = ("communication", "optimizer")  # one GPU's unit runs neither
+
+
+@dataclass(frozen=True)
+class UnitCase:
+    plan: Plan
+    unit: str  # "layer" or "model"
+
+    @property
+    def id(self) -> str:
+        w = self.plan.workload
+        return f"{self.plan.model.name}-{w.label}-{w.dtype}-{self.unit}"
+
+
+def unit_cases(plans) -> list[UnitCase]:
+    cases = []
+    for p in plans:
+        if p.workload.phase == "finetune" or supported(p.model):
+            continue
+        cases.append(UnitCase(p, "layer"))
+        if p.model.params <= WHOLE_MODEL_MAX_PARAMS:
+            cases.append(UnitCase(p, "model"))
+    return cases
+
+
+def composed_s(breakdown: Breakdown, unit: str) -> float:
+    """What the unit should take by composition: the same calls, without the excluded modules."""
+    layers = breakdown.plan.model.layers
+    total = 0.0
+    for c in breakdown.calls:
+        if c.module in EXCLUDED_MODULES or (unit == "layer" and c.scope == "model"):
+            continue
+        total += c.count * c.time_s * (layers if unit == "model" and c.scope == "layer" else 1)
+    return total
+
+
+def _build(case: UnitCase, dtype: torch.dtype, device: str):
+    """The module and a function running it once (forward, or forward and backward in training)."""
+    model, w = case.plan.model, case.plan.workload
+    train = w.phase == "train"
+    if case.unit == "layer":
+        module = ReferenceLayer(model, w.tp).to(device=device, dtype=dtype)
+        inp = layer_inputs(model, w, dtype, device)
+        x = inp["x"].requires_grad_(train)
+        args = (x, inp["rope"], inp["cache"])
+
+        def forward(m, *a):
+            return m(*a)
+    else:
+        module = ReferenceModel(model, w.tp).to(device=device, dtype=dtype)
+        q_len = 1 if w.phase == "decode" else w.seq_len
+        tokens = torch.randint(0, module.embed.num_embeddings, (w.batch, q_len), device=device)
+        rope = rope_tables(model, torch.arange(w.seq_len - q_len, w.seq_len, device=device), dtype)
+        caches = None
+        if w.phase == "decode":
+            kv = module.layers[0].kv_heads
+            caches = [tuple(torch.randn(w.batch, kv, w.seq_len, model.head_dim, device=device, dtype=dtype)
+                            for _ in range(2)) for _ in range(model.layers)]
+        args = (tokens, rope, caches)
+
+        def forward(m, *a):
+            logits = m(*a, last_only=not train)
+            if not train:
+                return logits
+            return F.cross_entropy(logits.flatten(0, 1).float(), a[0].flatten())
+
+    def run():
+        if not train:
+            with torch.no_grad():
+                return forward(module, *args)
+        out = forward(module, *args)
+        out.backward(torch.ones_like(out) if out.dim() else None)
+        return out
+    return module, args, forward, run
+
+
+def run_unit_case(benchmark, case: UnitCase, settings: RunSettings) -> None:
+    w = case.plan.workload
+    dtype = get_dtype(w.dtype)
+    info = benchmark.extra_info
+    info.update({"op": case.unit, "plan": case.plan.name, "dtype": w.dtype,
+                 "pass": "fwd+bwd" if w.phase == "train" else "fwd"})
+    if dtype.name in ("fp8", "tf32"):
+        pytest.skip(f"the reference {case.unit} runs in bf16, fp16 or fp32, not {dtype.name}")
+    torch.manual_seed(zlib.crc32(case.id.encode()))
+    with torch.no_grad():
+        module, args, forward, run = _build(case, dtype.torch, settings.device)
+        reference = copy.deepcopy(module).to(high_precision_dtype(settings.device))
+        # a unit chains a dozen ops whose rounding errors add up: four times one op's tolerance
+        verdict = check(forward(module, *args), forward(reference, *_upcast(args)), 4 * dtype.tol)
+    del reference
+    info["correct"] = verdict.as_dict()
+    if not verdict.passed:
+        pytest.fail(f"wrong result: relative error {verdict.rel_err:.3g} > tolerance {verdict.tol:g}", pytrace=False)
+    timing = measure(benchmark, run, device=settings.device, budget_s=settings.budget_s,
+                     min_rounds=settings.min_rounds, cold_l2=settings.cold_l2)
+    info.update({"timer": timing.timer, "unroll": timing.unroll})
+    if benchmark.stats is not None:
+        info["median_s"] = benchmark.stats.stats.median
+
+
+def _upcast(value):
+    """Tensors inside tuples and lists (rope tables, KV caches) in the reference's precision."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_upcast(v) for v in value)
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return high_precision(value)
+    return value
