@@ -26,8 +26,9 @@ def smoke_run(tmp_path_factory):
 
 def test_every_case_carries_the_extra_info_contract(smoke_run):
     _, data, _ = smoke_run
-    assert data["benchmarks"]
-    for bench in data["benchmarks"]:
+    ops = [b for b in data["benchmarks"] if b["extra_info"]["op"] not in ("layer", "model")]
+    assert ops
+    for bench in ops:
         info = bench["extra_info"]
         assert REQUIRED <= set(info), (bench["name"], REQUIRED - set(info))
         assert info["correct"]["passed"] and info["correct"]["rel_err"] <= info["correct"]["tol"]
@@ -38,6 +39,16 @@ def test_every_case_carries_the_extra_info_contract(smoke_run):
         assert all(isinstance(v, int) for v in info["shape"].values())
         # ids are built from the identity, never from object reprs
         assert bench["param"].endswith(f"-{info['dtype']}-{info['pass']}-{info['backend']}")
+
+
+def test_units_are_timed_after_their_own_gate(smoke_run):
+    _, data, _ = smoke_run
+    units = [b["extra_info"] for b in data["benchmarks"] if b["extra_info"]["op"] in ("layer", "model")]
+    plans = {p["model"]["name"] + "/" for p in data["opbench"]["plans"]}
+    assert {(u["op"], u["dtype"]) for u in units} == {(op, d) for op in ("layer", "model") for d in ("fp32", "bf16")}
+    for info in units:
+        assert info["correct"]["passed"] and info["median_s"] > 0 and info["timer"] == "cpu"
+        assert any(info["plan"].startswith(p) for p in plans)
 
 
 def test_every_gemm_role_of_the_smoke_plan_is_measured(smoke_run):
