@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 from collections.abc import Callable
 from typing import Any
@@ -68,6 +69,32 @@ def gpu_info() -> dict:
         }
     finally:
         _try(nvml.nvmlShutdown)
+
+
+@functools.cache
+def _energy_source() -> tuple[Callable[[], float] | None, str | None]:
+    """A reader of the GPU in use's total energy counter in joules, or why there is none."""
+    if not torch.cuda.is_available():
+        return None, "no CUDA GPU"
+    try:
+        import pynvml as nvml
+
+        nvml.nvmlInit()
+        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+        handle = nvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+        nvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+    except Exception as error:
+        return None, f"NVML's energy counter cannot be read: {error}"
+    return (lambda: nvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0), None  # mJ -> J
+
+
+def energy_meter() -> Callable[[], float] | None:
+    return _energy_source()[0]
+
+
+def energy_unavailable() -> str | None:
+    """Why energy cannot be measured on this machine, or None where it can."""
+    return _energy_source()[1]
 
 
 def _version(dist: str) -> str | None:

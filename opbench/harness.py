@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -12,15 +11,7 @@ from opbench.cases import Case
 from opbench.dtypes import get_dtype
 from opbench.ops import get_family
 from opbench.ops.base import shape_dict
-from opbench.timing import check, measure
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    device: str  # "cuda" or "cpu"
-    budget_s: float  # time spent timing one case, beyond its warm-up and gate
-    min_rounds: int
-    cold_l2: bool = False
+from opbench.timing import RunSettings, check, measure
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -58,8 +49,7 @@ def run_case(benchmark, case: Case, settings: RunSettings) -> None:
             pytest.fail(f"wrong result: relative error {verdict.rel_err:.3g} > tolerance {verdict.tol:g}"
                         f" (output {verdict.output})", pytrace=False)
         with dtype.math_mode():
-            timing = measure(benchmark, fn, device=settings.device, budget_s=settings.budget_s,
-                             min_rounds=settings.min_rounds, cold_l2=settings.cold_l2)
+            timing = measure(benchmark, fn, settings)
     except Exception as error:
         if not _is_oom(error):
             raise
@@ -68,6 +58,8 @@ def run_case(benchmark, case: Case, settings: RunSettings) -> None:
         pytest.skip(f"out of memory: {str(error).splitlines()[0][:200]}")
 
     info.update({"timer": timing.timer, "unroll": timing.unroll})
+    if timing.energy_j is not None:
+        info["energy_j"] = timing.energy_j
     if benchmark.stats is not None:
         median_s = benchmark.stats.stats.median
         info["median_s"] = median_s

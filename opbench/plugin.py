@@ -9,12 +9,13 @@ import pytest
 
 from opbench import __version__
 from opbench.cases import Case, build_cases
-from opbench.harness import RunSettings, run_case
-from opbench.hardware import gpu_info, software_versions, stable_facts
+from opbench.harness import run_case
+from opbench.hardware import energy_unavailable, gpu_info, software_versions, stable_facts
 from opbench.ops import FAMILIES, get_family
 from opbench.selection import PROFILES, Selection, SelectionError, select
 from opbench.results import compose_session
 from opbench.summary import composition_lines, summary_lines
+from opbench.timing import RunSettings
 from opbench.validation import UnitCase, run_unit_case
 
 
@@ -56,6 +57,9 @@ def pytest_addoption(parser):
     group.addoption("--cold-l2", action="store_true", default=False,
                     help="flush the GPU's L2 cache before every timed call (default: warm L2, as in a model's "
                          "steady state).")
+    group.addoption("--energy", action="store_true", default=False,
+                    help="read NVML's energy counter over a window of at least a second per GPU case: joules per "
+                         "call, composed into joules per token. Needs an NVIDIA GPU whose driver exposes the counter.")
 
 
 def _resolve_device(choice: str) -> str:
@@ -89,7 +93,8 @@ def pytest_configure(config):
     budget = opt.benchmark_max_time if explicit_time else selection.profile.budget_s
     min_rounds = opt.benchmark_min_rounds if any(
         a.startswith("--benchmark-min-rounds") for a in config.invocation_params.args) else selection.profile.min_rounds
-    settings = RunSettings(device=device, budget_s=float(budget), min_rounds=int(min_rounds), cold_l2=opt.cold_l2)
+    settings = RunSettings(device=device, budget_s=float(budget), min_rounds=int(min_rounds), cold_l2=opt.cold_l2,
+                           energy=opt.energy and energy_unavailable() is None)
     config._opbench = _State(selection, settings)
     config.addinivalue_line("markers", "opbench: a case measured by opbench")
 
@@ -138,7 +143,9 @@ def pytest_report_header(config):
     return (f"opbench {__version__}: profile {sel.profile.name}, device {sel.device}, "
             f"{len(sel.plans)} plans ({', '.join(models)}), dtypes {','.join(sel.dtypes)}, "
             f"budget {state.settings.budget_s:g} s/case"
-            + (", TRITON_INTERPRET=1" if os.environ.get("TRITON_INTERPRET") == "1" else ""))
+            + (", TRITON_INTERPRET=1" if os.environ.get("TRITON_INTERPRET") == "1" else "")
+            + (f"\nopbench: --energy: energy is not measured: {energy_unavailable()}"
+               if config.option.energy and not state.settings.energy else ""))
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

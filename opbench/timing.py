@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from opbench.hardware import energy_meter
+
 REPLAY_TARGET_S = 1e-3  # a graph replay (or a CPU round) lasts at least this long...
 MAX_UNROLL = 64  # ...unless that would need more calls than this in one replay
 MAX_ROUNDS = 10_000
@@ -83,11 +85,21 @@ class CudaEventClock:
 
 
 @dataclass(frozen=True)
+class RunSettings:
+    device: str  # "cuda" or "cpu"
+    budget_s: float  # time spent timing one case, beyond its warm-up and gate
+    min_rounds: int
+    cold_l2: bool = False
+    energy: bool = False  # read NVML's energy counter over a window of ENERGY_WINDOW_S per case
+
+
+@dataclass(frozen=True)
 class Timing:
     """How a case was timed; copied into extra_info."""
     timer: str  # "cuda-graph", "cuda-event" or "cpu"
     unroll: int  # calls per timed replay (CUDA graph) or per round (CPU iterations)
     rounds: int
+    energy_j: float | None = None  # per call
 
 
 def rounds_for(round_s: float, budget_s: float, min_rounds: int) -> int:
@@ -146,25 +158,25 @@ def l2_flusher(device: torch.device | str = "cuda") -> Callable[[], None]:
     return flush
 
 
-def measure(benchmark, fn: Callable[[], Any], *, device: str, budget_s: float, min_rounds: int,
-            cold_l2: bool = False) -> Timing:
+def measure(benchmark, fn: Callable[[], Any], settings: RunSettings) -> Timing:
     """Time fn with pytest-benchmark after a warm-up; statistics come out per call."""
-    if device == "cuda":
-        return _measure_cuda(benchmark, fn, budget_s, min_rounds, cold_l2)
+    if settings.device == "cuda":
+        return _measure_cuda(benchmark, fn, settings)
     fn()
     call_s = _cpu_call_time(fn)
     iterations = calls_for(call_s)
-    rounds = rounds_for(call_s * iterations, budget_s, min_rounds)
+    rounds = rounds_for(call_s * iterations, settings.budget_s, settings.min_rounds)
     benchmark._timer = time.perf_counter
     benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=1)
     return Timing("cpu", iterations, rounds)
 
 
-def _measure_cuda(benchmark, fn, budget_s, min_rounds, cold_l2) -> Timing:
+def _measure_cuda(benchmark, fn, settings: RunSettings) -> Timing:
     for _ in range(2):
         fn()
     call_s = _cuda_call_time(fn)
-    if cold_l2:  # one call a round, the flush in pedantic's untimed setup
+    budget_s, min_rounds = settings.budget_s, settings.min_rounds
+    if settings.cold_l2:  # one call a round, the flush in pedantic's untimed setup
         flush = l2_flusher()
         rounds = rounds_for(call_s + _cuda_call_time(flush, 1), budget_s, min_rounds)
         benchmark._timer = CudaEventClock()
@@ -183,4 +195,22 @@ def _measure_cuda(benchmark, fn, budget_s, min_rounds, cold_l2) -> Timing:
     rounds = rounds_for(call_s * calls, budget_s, min_rounds)
     benchmark._timer = CudaEventClock(calls)
     benchmark.pedantic(target, rounds=rounds, warmup_rounds=2)
-    return Timing(timer, calls, rounds)
+    energy = energy_per_call(target, calls, call_s) if settings.energy else None
+    return Timing(timer, calls, rounds, energy)
+
+
+ENERGY_WINDOW_S = 1.0  # NVML's energy counter moves in steps of milliseconds: read it over a second
+
+
+def energy_per_call(target: Callable[[], Any], calls: int, call_s: float) -> float | None:
+    """Joules per call from NVML's energy counter around back-to-back replays filling the window."""
+    meter = energy_meter()
+    if meter is None:
+        return None
+    replays = max(1, math.ceil(ENERGY_WINDOW_S / max(call_s * calls, 1e-9)))
+    torch.cuda.synchronize()
+    start = meter()
+    for _ in range(replays):
+        target()
+    torch.cuda.synchronize()
+    return (meter() - start) / (replays * calls)

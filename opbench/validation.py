@@ -13,10 +13,9 @@ import torch.nn.functional as F
 
 from opbench.compose import Breakdown
 from opbench.dtypes import get_dtype
-from opbench.harness import RunSettings
 from opbench.ops.base import high_precision, high_precision_dtype
 from opbench.reference_layer import ReferenceLayer, ReferenceModel, layer_inputs, rope_tables, supported
-from opbench.timing import check, measure
+from opbench.timing import RunSettings, check, measure
 from opbench.workload import Plan
 
 WHOLE_MODEL_MAX_PARAMS = 1e9  # whole models are timed only when small (the tiny model on a CPU)
@@ -114,8 +113,7 @@ def run_unit_case(benchmark, case: UnitCase, settings: RunSettings) -> None:
     info["correct"] = verdict.as_dict()
     if not verdict.passed:
         pytest.fail(f"wrong result: relative error {verdict.rel_err:.3g} > tolerance {verdict.tol:g}", pytrace=False)
-    timing = measure(benchmark, run, device=settings.device, budget_s=settings.budget_s,
-                     min_rounds=settings.min_rounds, cold_l2=settings.cold_l2)
+    timing = measure(benchmark, run, settings)
     info.update({"timer": timing.timer, "unroll": timing.unroll})
     if benchmark.stats is not None:
         info["median_s"] = benchmark.stats.stats.median

@@ -58,7 +58,7 @@ class FakeBenchmark:
 def test_cpu_measure_uses_perf_counter_and_a_round_of_several_calls():
     bench = FakeBenchmark()
     x = torch.randn(16, 16)
-    result = timing.measure(bench, lambda: x @ x, device="cpu", budget_s=0.01, min_rounds=4)
+    result = timing.measure(bench, lambda: x @ x, timing.RunSettings("cpu", budget_s=0.01, min_rounds=4))
     assert bench._timer is __import__("time").perf_counter
     assert result.timer == "cpu" and result.unroll == bench.iterations >= 1 and result.rounds == bench.rounds >= 4
 
@@ -74,3 +74,16 @@ def test_cuda_event_clock_divides_by_calls_per_tick():
     torch.cuda._sleep(10_000_000)
     d = single()
     assert (b - a) == pytest.approx((d - c) / 4, rel=0.3)
+
+
+def test_energy_per_call_reads_the_counter_around_a_window(monkeypatch):
+    joules = {"total": 100.0}
+
+    def target():  # each replay of 4 calls draws 2 J
+        joules["total"] += 2.0
+    monkeypatch.setattr(timing, "energy_meter", lambda: lambda: joules["total"])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    # a replay of 4 calls of 0.1 s lasts 0.4 s: 3 replays fill the 1 s window
+    assert timing.energy_per_call(target, calls=4, call_s=0.1) == pytest.approx(6.0 / 12)
+    monkeypatch.setattr(timing, "energy_meter", lambda: None)
+    assert timing.energy_per_call(target, calls=4, call_s=0.1) is None
