@@ -29,7 +29,7 @@ def _runs_on_this_cpu(backend: SDPBackend) -> bool:
 def test_cpu_smoke_run(tmp_path):
     out = tmp_path / "out.json"
     run = subprocess.run([sys.executable, "-m", "pytest", "bench/test_attention.py", "-q", "-rs", "-p",
-                          "no:cacheprovider", f"--benchmark-json={out}"],
+                          "no:cacheprovider", "--device=cpu", f"--benchmark-json={out}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     report = json.loads(out.read_text())

@@ -1,5 +1,5 @@
 """The Triton attention kernels (kernels/attention.py) against a float64 reference, under the
-interpreter on a CPU, at sizes that are not multiples of the tiles: head_dim 80 and 96 (padded to 128
+interpreter on a CPU (compiled where a GPU is visible), at sizes that are not multiples of the tiles: head_dim 80 and 96 (padded to 128
 inside the kernels), 100 queries, 257 keys, GQA ratios 4 and 8, windows shorter than the sequence.
 
 The interpreter computes bf16 dots wrongly, so these tests run fp32 and fp16 only; the kernels take
@@ -19,15 +19,16 @@ import torch
 from kernels.attention import decode_attention, flash_attention, flash_attention_backward
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # tests/conftest.py sets TRITON_INTERPRET=1 without one
 
 
 def reference(q, k, v, causal, window=0, kv_lens=None):
     """float64 attention with bottom-right causal alignment, per-sequence contexts and a window."""
-    q, k, v = q.double(), k.double(), v.double()
+    q, k, v = (t.cpu().double() for t in (q, k, v))
     (batch, heads, q_len, head_dim), kv_len = q.shape, k.shape[2]
     group = heads // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    ctx = (kv_lens.long() if kv_lens is not None else torch.full((batch,), kv_len)).view(-1, 1, 1, 1)
+    ctx = (kv_lens.cpu().long() if kv_lens is not None else torch.full((batch,), kv_len)).view(-1, 1, 1, 1)
     pos = torch.arange(q_len).view(1, 1, -1, 1) + ctx - q_len
     key = torch.arange(kv_len).view(1, 1, 1, -1)
     keep = key < ctx
@@ -40,7 +41,7 @@ def reference(q, k, v, causal, window=0, kv_lens=None):
 
 
 def rel_err(out, ref):
-    return ((out.double() - ref).norm() / ref.norm()).item()
+    return ((out.cpu().double() - ref).norm() / ref.norm()).item()
 
 
 # (heads, kv_heads, head_dim, q_len, kv_len, causal, window, dtype): one program column per head
@@ -56,16 +57,16 @@ _FLASH_CASES = [
                          ids=lambda v: str(v).removeprefix("torch."))
 def test_flash_attention_forward_and_backward(heads, kv_heads, head_dim, q_len, kv_len, causal, window, dtype):
     torch.manual_seed(0)
-    q = torch.randn(1, heads, q_len, head_dim, dtype=dtype)
-    k, v = (torch.randn(1, kv_heads, kv_len, head_dim, dtype=dtype) for _ in range(2))
+    q = torch.randn(1, heads, q_len, head_dim, dtype=dtype, device=DEVICE)
+    k, v = (torch.randn(1, kv_heads, kv_len, head_dim, dtype=dtype, device=DEVICE) for _ in range(2))
     o, lse = flash_attention(q, k, v, causal=causal, window=window, return_lse=True)
     assert o.dtype == dtype and o.shape == q.shape
     assert rel_err(o, reference(q, k, v, causal, window)) < TOL[dtype]
 
-    do = torch.randn(*q.shape, dtype=dtype)
+    do = torch.randn_like(q)
     grads = flash_attention_backward(do, q, k, v, o, lse, causal=causal, window=window)
-    leaves = [t.double().requires_grad_() for t in (q, k, v)]
-    expected = torch.autograd.grad(reference(*leaves, causal, window), leaves, do.double())
+    leaves = [t.cpu().double().requires_grad_() for t in (q, k, v)]
+    expected = torch.autograd.grad(reference(*leaves, causal, window), leaves, do.cpu().double())
     for name, got, want in zip(("dq", "dk", "dv"), grads, expected):
         assert got.shape == want.shape and got.dtype == dtype, name
         assert rel_err(got, want) < TOL[dtype], name
@@ -74,8 +75,8 @@ def test_flash_attention_forward_and_backward(heads, kv_heads, head_dim, q_len, 
 def test_flash_attention_reads_strided_inputs():
     """q, k, v as (batch, seq, heads, d) buffers viewed as (batch, heads, seq, d), as models hold them."""
     torch.manual_seed(1)
-    q = torch.randn(2, 33, 4, 80, dtype=torch.float32).transpose(1, 2)
-    k, v = (torch.randn(2, 47, 2, 80, dtype=torch.float32).transpose(1, 2) for _ in range(2))
+    q = torch.randn(2, 33, 4, 80, dtype=torch.float32, device=DEVICE).transpose(1, 2)
+    k, v = (torch.randn(2, 47, 2, 80, dtype=torch.float32, device=DEVICE).transpose(1, 2) for _ in range(2))
     assert rel_err(flash_attention(q, k, v, causal=True), reference(q, k, v, True)) < 1e-5
 
 
@@ -90,9 +91,9 @@ _DECODE_CASES = [
 @pytest.mark.parametrize("lens", [None, [257, 100, 1]], ids=["full-cache", "ragged"])
 def test_decode_attention_split_kv(heads, kv_heads, window, dtype, lens):
     torch.manual_seed(2)
-    q = torch.randn(3, heads, 1, 80, dtype=dtype)
-    k, v = (torch.randn(3, kv_heads, 257, 80, dtype=dtype) for _ in range(2))
-    kv_lens = torch.tensor(lens, dtype=torch.int32) if lens else None
+    q = torch.randn(3, heads, 1, 80, dtype=dtype, device=DEVICE)
+    k, v = (torch.randn(3, kv_heads, 257, 80, dtype=dtype, device=DEVICE) for _ in range(2))
+    kv_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE) if lens else None
     want = reference(q, k, v, True, window, kv_lens)
     # 3 slices: uneven ones, and for the 1-key sequence slices that hold no key at all
     for splits in (3, None):
@@ -102,13 +103,13 @@ def test_decode_attention_split_kv(heads, kv_heads, window, dtype, lens):
 
 
 def test_kernels_reject_what_they_do_not_compute():
-    q, k = torch.zeros(1, 4, 2, 64), torch.zeros(1, 2, 8, 64)
+    q, k = torch.zeros(1, 4, 2, 64, device=DEVICE), torch.zeros(1, 2, 8, 64, device=DEVICE)
     with pytest.raises(ValueError, match="one query"):
         decode_attention(q, k, k)
     with pytest.raises(ValueError, match="needs causal"):
         flash_attention(q, k, k, window=4)
     with pytest.raises(ValueError, match="multiple of kv_heads"):
-        flash_attention(torch.zeros(1, 3, 2, 64), k, k)
+        flash_attention(torch.zeros(1, 3, 2, 64, device=DEVICE), k, k)
 
 
 # The GPU compilation path, which the interpreter never takes -------------------------------------------
