@@ -19,7 +19,8 @@ class Profile:
     about: str
 
 
-_LLAMA3_8B = ("prefill:b=1,s=2048", "decode:b=1,s=2048", "decode:b=32,s=2048", "train:b=1,s=4096")
+_LLAMA3_8B = ("prefill:b=1,s=2048", "decode:b=1,s=2048", "decode:b=32,s=2048", "decode:b=32,s=2048,smin=128",
+              "train:b=1,s=4096")
 _FULL_WORKLOADS = ("prefill:b=1,s=512", "prefill:b=1,s=2048", "prefill:b=4,s=4096",
                    "decode:b=1,s=2048", "decode:b=16,s=4096", "decode:b=64,s=2048",
                    "train:b=1,s=4096", "finetune:b=1,s=2048,r=16")
@@ -27,7 +28,8 @@ _FULL_MODELS = {"llama-2-7b": 1, "llama-2-70b": 8, "llama-3-8b": 1, "llama-3-70b
                 "mixtral-8x7b": 2, "llama-3.1-405b": 8, "gpt-3-175b": 8}  # model: tensor-parallel degree
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (
-    Profile("smoke", tuple(("tiny", w) for w in ("prefill:b=2,s=96", "decode:b=4,s=200", "train:b=2,s=96")),
+    Profile("smoke", tuple(("tiny", w) for w in ("prefill:b=2,s=96", "decode:b=4,s=200", "decode:b=4,s=200,smin=40",
+                                                 "train:b=2,s=96")),
             ("fp32", "bf16"), budget_s=0.02, min_rounds=3,
             about="the tiny model, fast on a CPU: checks that every case runs"),
     Profile("default",

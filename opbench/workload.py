@@ -32,6 +32,7 @@ class Workload:
     tp: int = 1  # tensor-parallel degree
     dtype: str = "bf16"
     lora_rank: int = 16  # finetune only
+    min_context: int = 0  # decode only: 0, every context is seq_len; else contexts spread from min_context to seq_len
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -42,25 +43,29 @@ class Workload:
                 raise PlanError(f"workload {name} must be a positive integer, got {value!r}")
         if self.dtype not in DTYPES:
             raise PlanError(f"unknown dtype {self.dtype!r} (known: {', '.join(DTYPES)})")
+        if self.min_context and (self.phase != "decode" or not 0 < self.min_context <= self.seq_len):
+            raise PlanError(f"min_context {self.min_context!r}: a decode batch's shortest context, in [1, seq_len]")
 
     @property
     def label(self) -> str:
         lora = f",r={self.lora_rank}" if self.phase == "finetune" else ""
-        return f"{self.phase}:b={self.batch},s={self.seq_len},tp={self.tp}{lora}"
+        spread = f",smin={self.min_context}" if self.min_context else ""
+        return f"{self.phase}:b={self.batch},s={self.seq_len}{spread},tp={self.tp}{lora}"
 
     @property
     def training(self) -> bool:
         return self.phase in ("train", "finetune")
 
 
-_WORKLOAD_KEYS = {"b": "batch", "s": "seq_len", "tp": "tp", "r": "lora_rank"}
+_WORKLOAD_KEYS = {"b": "batch", "s": "seq_len", "tp": "tp", "r": "lora_rank", "smin": "min_context"}
 
 
 def parse_workload(text: str, dtype: str = "bf16") -> Workload:
-    """'prefill:b=1,s=2048,tp=8'. b: batch, s: prompt / context / sequence length, tp, r: LoRA rank."""
+    """'prefill:b=1,s=2048,tp=8'. b: batch, s: prompt / context / sequence length, tp, r: LoRA rank,
+    smin: a decode batch's shortest context (contexts spread evenly from smin to s)."""
     m = re.fullmatch(r"\s*(\w+)\s*:\s*(.*?)\s*", text)
     if not m:
-        raise PlanError(f"workload {text!r}: expected PHASE:b=BATCH,s=LENGTH[,tp=N][,r=RANK]")
+        raise PlanError(f"workload {text!r}: expected PHASE:b=BATCH,s=LENGTH[,smin=LENGTH][,tp=N][,r=RANK]")
     phase, rest = m.groups()
     values: dict[str, int] = {}
     for item in filter(None, (p.strip() for p in rest.split(","))):
@@ -189,7 +194,7 @@ def plan(model: ModelConfig, workload: Workload) -> Plan:
     window = model.sliding_window if model.sliding_window < w.seq_len else 0  # a window past the end is none
     q_len = 1 if w.phase == "decode" else w.seq_len
     tokenwise("attn.core", "attention",
-              AttentionShape(w.batch, dims.heads, dims.kv_heads, d, q_len, w.seq_len, 1, window))
+              AttentionShape(w.batch, dims.heads, dims.kv_heads, d, q_len, w.seq_len, 1, window, w.min_context))
     linear("attn.o", h, dims.heads * d)
     allreduce("tp.allreduce.attn")
     tokenwise("residual.attn", "add", rows)

@@ -9,6 +9,7 @@ from opbench.ops.base import OpFamily
 # op name -> (module, attribute holding its OpFamily)
 FAMILIES: dict[str, tuple[str, str]] = {
     "gemm": ("opbench.ops.gemm", "GEMM"),
+    "attention": ("opbench.ops.attention", "ATTENTION"),
 }
 
 
