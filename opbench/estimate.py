@@ -49,7 +49,8 @@ def memory(model: ModelConfig, w: Workload) -> Memory:
     act = 2 if w.dtype == "fp8" else elt
     weights = model.params * elt // tp
     kv_heads = max(1, model.kv_heads // tp)
-    kv = 2 * model.layers * kv_heads * model.head_dim * w.batch * w.seq_len * act
+    contexts = w.batch * (w.seq_len + w.min_context if w.min_context else 2 * w.seq_len) // 2  # mean x batch
+    kv = 2 * model.layers * kv_heads * model.head_dim * contexts * act
     if not w.training:
         return Memory(weights, kv, 0, 0, 0)
     tokens_hidden = w.seq_len * w.batch * model.hidden

@@ -40,9 +40,10 @@ def pytest_addoption(parser):
     group.addoption("--model", action="append", metavar="NAME|PATH",
                     help="model to plan: a zoo name (see `opbench models`) or a Hugging Face config.json path; "
                          "repeat or comma-separate for several. Default: the profile's models.")
-    group.addoption("--workload", action="append", metavar="PHASE:b=B,s=S[,tp=N][,r=R]",
+    group.addoption("--workload", action="append", metavar="PHASE:b=B,s=S[,smin=S0][,tp=N][,r=R]",
                     help="workload to plan, e.g. prefill:b=1,s=2048 or decode:b=32,s=4096,tp=8 "
-                         "(s: prompt, context or sequence length; r: LoRA rank for finetune); repeat for several. "
+                         "(s: prompt, context or sequence length; smin: a decode batch's shortest context, the "
+                         "others spread evenly up to s; r: LoRA rank for finetune); repeat for several. "
                          "Default: the profile's workloads.")
     group.addoption("--dtype", action="append", metavar="DTYPE",
                     help="dtypes to run: bf16, fp16, fp32, tf32, fp8 (comma-separated or repeated). "

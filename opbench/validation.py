@@ -36,7 +36,9 @@ class UnitCase:
 def unit_cases(plans) -> list[UnitCase]:
     cases = []
     for p in plans:
-        if p.workload.phase == "finetune" or supported(p.model):
+        # finetune adds adapters the reference layer lacks; a decode batch of mixed contexts needs
+        # per-sequence masks it does not build
+        if p.workload.phase == "finetune" or p.workload.min_context or supported(p.model):
             continue
         cases.append(UnitCase(p, "layer"))
         if p.model.params <= WHOLE_MODEL_MAX_PARAMS:
