@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -95,6 +96,20 @@ def energy_meter() -> Callable[[], float] | None:
 def energy_unavailable() -> str | None:
     """Why energy cannot be measured on this machine, or None where it can."""
     return _energy_source()[1]
+
+
+def last_level_cache_bytes(cpu_caches: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """Size of the CPU's last-level cache as Linux reports it (one instance); 0 where it does not."""
+    sizes = {}
+    for index in cpu_caches.glob("index*"):
+        try:
+            level = int((index / "level").read_text())
+            size = (index / "size").read_text().strip()  # "32768K"
+            value = int(size.rstrip("KMG")) * {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1:], 1)
+        except (OSError, ValueError):
+            continue
+        sizes[level] = max(sizes.get(level, 0), value)
+    return sizes[max(sizes)] if sizes else 0
 
 
 def _version(dist: str) -> str | None:

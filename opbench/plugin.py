@@ -1,4 +1,12 @@
-"""The pytest plugin: options, parametrization from the plan, machine info, JSON section, summary."""
+"""The pytest plugin: options, parametrization from the plan, machine info, JSON section, summary.
+
+A bench module names its op family in OP (cases: the plan's calls of it) and may list cases that
+no plan has in CASES, a function of the run's Selection returning Cases (the copy bandwidth case);
+it applies the selection's backend filter where it wants it.
+Cases of a family that measures a peak (OpFamily.sets_peak) run first; their GB/s becomes the peak
+(the JSON's opbench.peaks), and the cases of families compared with it (OpFamily.gbps_peak) get
+extra_info["peak_share"] = {peak name: their GB/s / the peak}.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ class _State:
     settings: RunSettings
     timed: list[tuple[Case, dict]] = field(default_factory=list)
     units: list[tuple[UnitCase, dict]] = field(default_factory=list)
+    peaks: dict[str, float] = field(default_factory=dict)  # measured peaks in GB/s, by name
     _composition: dict | None = None
 
     def composition(self) -> dict:
@@ -104,11 +113,23 @@ def pytest_generate_tests(metafunc):
     if "case" not in metafunc.fixturenames:
         return
     op = getattr(metafunc.module, "OP", None)
-    if op is None:
-        raise pytest.UsageError(f"{metafunc.module.__name__}: a bench module must name its op family in OP")
-    state: _State = metafunc.config._opbench
-    cases = build_cases(state.selection.plans, op, state.selection.backends)
+    extra = getattr(metafunc.module, "CASES", None)
+    if op is None and extra is None:
+        raise pytest.UsageError(f"{metafunc.module.__name__}: a bench module must name its op family in OP "
+                                "or list its cases in CASES")
+    selection = metafunc.config._opbench.selection
+    cases = build_cases(selection.plans, op, selection.backends) if op is not None else []
+    if extra is not None:
+        cases += extra(selection)
     metafunc.parametrize("case", cases, ids=[c.id for c in cases])
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Cases that measure a peak first, so that the cases compared with it find it."""
+    def sets_peak(item) -> bool:
+        case = getattr(item, "callspec", None) and item.callspec.params.get("case")
+        return isinstance(case, Case) and get_family(case.op).sets_peak is not None
+    items.sort(key=lambda item: not sets_peak(item))
 
 
 @pytest.fixture
@@ -118,8 +139,14 @@ def measure_case(benchmark, request):
 
     def run(case: Case) -> None:
         run_case(benchmark, case, state.settings)
-        if benchmark.stats is not None:
-            state.timed.append((case, dict(benchmark.extra_info)))
+        if benchmark.stats is None:
+            return
+        info, family = benchmark.extra_info, get_family(case.op)
+        if family.sets_peak and info["gbps"]:
+            state.peaks[family.sets_peak] = max(info["gbps"], state.peaks.get(family.sets_peak, 0.0))
+        if family.gbps_peak in state.peaks and info["gbps"] is not None:
+            info["peak_share"] = {family.gbps_peak: info["gbps"] / state.peaks[family.gbps_peak]}
+        state.timed.append((case, dict(info)))
     return run
 
 
@@ -174,6 +201,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
                      "cold_l2": state.settings.cold_l2},
         "plans": [p.to_dict() for p in state.selection.plans],
         **state.composition(),
+        "peaks": state.peaks,
     }
 
 

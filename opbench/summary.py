@@ -24,7 +24,7 @@ def summary_lines(timed: list[tuple[Case, dict]], device: str) -> list[str]:
         rows.append((case.op, get_family(case.op).id_of(case.shape), case.dtype, case.pass_, case.backend + star,
                      format_seconds(info["median_s"]), f"{info['tflops']:.3g}", f"{info['gbps']:.4g}",
                      f"{info['timer']}x{info['unroll']}",
-                     roles[0] + (f" (+{len(roles) - 1})" if len(roles) > 1 else "")))
+                     roles[0] + (f" (+{len(roles) - 1})" if len(roles) > 1 else "") if roles else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"medians per call on {device}; * fastest backend for that shape, dtype and pass; "
              "timer x calls per timed replay (cuda-graph) or round (cpu)"]

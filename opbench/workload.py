@@ -188,9 +188,10 @@ def plan(model: ModelConfig, workload: Workload) -> Plan:
     # Attention block
     tokenwise("norm.input", model.norm, rows)
     linear("attn.qkv", (dims.heads + 2 * dims.kv_heads) * d, h)
-    if model.rotary != "none":
+    if model.rotary != "none":  # decode: the new tokens follow seq_len - 1 cached positions
+        offset = w.seq_len - 1 if w.phase == "decode" else 0
         tokenwise("attn.rotary", "rotary",
-                  RotaryShape(tokens, dims.heads, dims.kv_heads, d, int(model.rotary == "gptj")))
+                  RotaryShape(tokens, dims.heads, dims.kv_heads, d, int(model.rotary == "gptj"), offset))
     window = model.sliding_window if model.sliding_window < w.seq_len else 0  # a window past the end is none
     q_len = 1 if w.phase == "decode" else w.seq_len
     tokenwise("attn.core", "attention",

@@ -10,6 +10,18 @@ from opbench.ops.base import OpFamily
 FAMILIES: dict[str, tuple[str, str]] = {
     "gemm": ("opbench.ops.gemm", "GEMM"),
     "attention": ("opbench.ops.attention", "ATTENTION"),
+    "rmsnorm": ("opbench.ops.norm", "RMSNORM"),
+    "layernorm": ("opbench.ops.norm", "LAYERNORM"),
+    "add": ("opbench.ops.norm", "ADD"),
+    "add_rmsnorm": ("opbench.ops.norm", "ADD_RMSNORM"),
+    "rotary": ("opbench.ops.rotary", "ROTARY"),
+    "swiglu": ("opbench.ops.activation", "SWIGLU"),
+    "geglu": ("opbench.ops.activation", "GEGLU"),
+    "gelu": ("opbench.ops.activation", "GELU"),
+    "embedding": ("opbench.ops.embedding", "EMBEDDING"),
+    "cross_entropy": ("opbench.ops.embedding", "CROSS_ENTROPY"),
+    "adamw": ("opbench.ops.optim", "ADAMW"),
+    "copy": ("opbench.ops.copy", "COPY"),
 }
 
 

@@ -41,6 +41,12 @@ class OpFamily:
     dtypes: tuple[str, ...] = ("bf16", "fp16", "fp32")
     shape_id: Callable[[Any], str] = None  # short, stable id of a shape; default: values joined by "x"
     backends: dict[str, Backend] = field(default_factory=dict)
+    # workload dtype -> the dtype the op runs in, for workload dtypes not in `dtypes`
+    fallbacks: dict[str, str] = field(default_factory=lambda: {"fp8": "bf16", "tf32": "fp32"})
+    # Measured peaks, by name (the JSON's opbench.peaks): the one this op's GB/s is (the copy case), and
+    # the one its GB/s is compared with (memory-bound ops; extra_info["peak_share"]).
+    sets_peak: str | None = None
+    gbps_peak: str | None = None
 
     def backend(self, name: str, *, impl: str, requires: Requires | None = None):
         """Decorator: register `prepare` as backend `name`."""
@@ -55,7 +61,7 @@ class OpFamily:
         """The dtype this op runs in for a workload of `dtype`: the op's own, a fallback, or None."""
         if dtype in self.dtypes:
             return dtype
-        fallback = {"fp8": "bf16", "tf32": "fp32"}.get(dtype)
+        fallback = self.fallbacks.get(dtype)
         return fallback if fallback in self.dtypes else None
 
     def id_of(self, shape) -> str:
@@ -88,6 +94,22 @@ def needs_triton_gpu(shape, dtype: DType, device: str) -> str | None:
         return "triton is not installed"
     if device != "cuda":
         return "Triton kernels are timed on GPUs only (on CPU the interpreter's timings mean nothing)"
+    return None
+
+
+def needs_compile_gpu(shape, dtype: DType, device: str) -> str | None:
+    if device != "cuda":
+        return "torch.compile cases run on GPUs only (on a CPU the compile time would dominate the run)"
+    if importlib.util.find_spec("triton") is None:
+        return "torch.compile needs triton on GPUs, and triton is not installed"
+    return None
+
+
+def needs_flash_attn(shape, dtype: DType, device: str) -> str | None:
+    if importlib.util.find_spec("flash_attn") is None:
+        return "flash-attn is not installed"
+    if device != "cuda":
+        return "flash-attn needs a CUDA GPU"
     return None
 
 

@@ -1,9 +1,17 @@
-"""Shapes of the token-wise ops a decoder layer plans: norms, residual adds, activations, rotary,
-embedding lookup, the LM-head loss and the optimizer step."""
+"""Token-wise ops: norms, residual adds, activations, rotary, embedding lookup, the LM-head loss and the
+optimizer step. Their shapes, and what their families share: the backward pass of a torch function
+through autograd, the reference of a formula in high precision, torch.compile for one case.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from opbench.ops.base import high_precision
 
 
 @dataclass(frozen=True)
@@ -21,6 +29,9 @@ class RotaryShape:
     kv_heads: int
     head_dim: int
     interleaved: int  # 0: half rotation (GPT-NeoX, Llama); 1: interleaved pairs (GPT-J)
+    # 0: prompts and training, token t at position t. Decode: the cached context before the new tokens,
+    # one token per sequence, all at position `offset`.
+    offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -35,3 +46,45 @@ class VocabShape:
 class ParamsShape:
     """An optimizer step over `params` parameters."""
     params: int
+
+
+@dataclass(frozen=True)
+class Grads:
+    """An op's backward: the gradients of its outputs, inputs named in `outputs` (in the order the
+    forward returns them), flow back to the inputs named in `wrt`."""
+    outputs: tuple[str, ...]
+    wrt: tuple[str, ...]
+
+
+def autograd_pass(forward: Callable[..., Any], inp: dict, pass_: str, grads: Grads) -> Callable[[], Any]:
+    """A call of one pass of `forward` (keyword arguments: the inputs but the output gradients).
+
+    fwd: forward itself. bwd: forward runs once here, on leaf copies of the `wrt` inputs, and the call
+    is autograd's backward alone, keeping the graph (retain_graph) for the next call.
+    """
+    args = {k: v for k, v in inp.items() if k not in grads.outputs}
+    if pass_ == "fwd":
+        return lambda: forward(**args)
+    leaves = {k: args[k].detach().requires_grad_() for k in grads.wrt}
+    out = forward(**{**args, **leaves})
+    outs = out if isinstance(out, tuple) else (out,)
+    cotangents = tuple(inp[k] for k in grads.outputs)
+    wrt = tuple(leaves.values())
+    return lambda: torch.autograd.grad(outs, wrt, cotangents, retain_graph=True)
+
+
+def reference(formula: Callable[..., Any], grads: Grads) -> Callable[[dict, Any, str], Any]:
+    """An OpFamily reference: `formula`'s pass (see autograd_pass) on the inputs in high precision;
+    integer tensors and flags pass as they are."""
+    def ref(inp: dict, dtype, pass_: str):
+        precise = {k: high_precision(v) if torch.is_tensor(v) and v.is_floating_point() else v
+                   for k, v in inp.items()}
+        return autograd_pass(formula, precise, pass_, grads)()
+    return ref
+
+
+def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """torch.compile of fn for one case. Dynamo's caches are reset first: across the many shapes of a
+    run, one function would otherwise reach the recompile limit and silently run eagerly."""
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False)

@@ -1,0 +1,132 @@
+"""The token-wise Triton kernels (kernels/norm.py, rotary.py, activation.py, cross_entropy.py) against
+the op families' references, on the families' random inputs at odd widths and at row counts that
+fill no block; backward passes against the references' autograd gradients.
+
+On a machine without a GPU they run under TRITON_INTERPRET=1 (tests/conftest.py). The interpreter
+computes bf16 arithmetic wrongly, so the kernels are tested in fp32 and fp16 only.
+"""
+
+import pytest
+import torch
+
+from kernels.activation import activation, activation_backward
+from kernels.cross_entropy import cross_entropy, cross_entropy_backward
+from kernels.norm import layer_norm, layer_norm_backward, rms_norm, rms_norm_backward
+from kernels.rotary import rotary
+from opbench.dtypes import get_dtype
+from opbench.ops import get_family, norm
+from opbench.ops.tokenwise import RotaryShape, RowsShape, VocabShape
+from opbench.timing import check
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+WIDTHS = (4095, 5120, 14336)
+TOLERANCE = {"fp32": 1e-5, "fp16": 3e-3}  # relative error (Frobenius)
+
+
+def _inputs(op: str, shape, dtype: str, scale: dict | None = None) -> dict:
+    """The family's backward inputs (a superset of the forward's), some scaled: {name: factor}."""
+    inp = get_family(op).inputs(shape, get_dtype(dtype), "bwd", DEVICE)
+    for name, factor in (scale or {}).items():
+        inp[name] *= factor
+    return inp
+
+
+def _assert_matches(out, op: str, inp: dict, dtype: str, pass_: str) -> None:
+    verdict = check(out, get_family(op).reference(inp, get_dtype(dtype), pass_), TOLERANCE[dtype])
+    assert verdict.passed, verdict.as_dict()
+
+
+@pytest.mark.parametrize("dtype", TOLERANCE)
+@pytest.mark.parametrize("rows, width", zip((3, 5, 7), WIDTHS))
+def test_rms_norm(rows, width, dtype):
+    inp = _inputs("rmsnorm", RowsShape(rows, width), dtype)
+    x, weight = inp["x"], inp["weight"]
+    out = rms_norm(x, weight, eps=norm.EPS, save_stats=True)
+    _assert_matches(out.y, "rmsnorm", inp, dtype, "fwd")
+    _assert_matches(rms_norm_backward(inp["dy"], x, weight, out.rstd), "rmsnorm", inp, dtype, "bwd")
+
+
+@pytest.mark.parametrize("dtype", TOLERANCE)
+@pytest.mark.parametrize("rows, width", zip((7, 3, 5), WIDTHS))
+def test_add_rms_norm(rows, width, dtype):
+    """The fused residual: h = x + residual is written and normalised; dh joins the backward."""
+    inp = _inputs("add_rmsnorm", RowsShape(rows, width), dtype)
+    weight = inp["weight"]
+    out = rms_norm(inp["x"], weight, eps=norm.EPS, residual=inp["residual"], save_stats=True)
+    _assert_matches((out.y, out.residual), "add_rmsnorm", inp, dtype, "fwd")
+    dx, dweight = rms_norm_backward(inp["dy"], out.residual, weight, out.rstd, dresidual=inp["dh"])
+    _assert_matches((dx, dx, dweight), "add_rmsnorm", inp, dtype, "bwd")
+
+
+@pytest.mark.parametrize("dtype", TOLERANCE)
+@pytest.mark.parametrize("rows, width", zip((5, 7, 3), WIDTHS))
+def test_layer_norm(rows, width, dtype):
+    inp = _inputs("layernorm", RowsShape(rows, width), dtype)
+    inp["x"] += 3  # an offset mean, as real activations have, so that centring matters
+    x, weight = inp["x"], inp["weight"]
+    out = layer_norm(x, weight, inp["bias"], eps=norm.EPS, save_stats=True)
+    _assert_matches(out.y, "layernorm", inp, dtype, "fwd")
+    _assert_matches(layer_norm_backward(inp["dy"], x, weight, out.mean, out.rstd), "layernorm", inp, dtype, "bwd")
+
+
+def test_norm_strided_rows():
+    """Rows of a wider buffer (a row stride larger than the width) are read and written in place."""
+    inp = _inputs("rmsnorm", RowsShape(5, 4095), "fp32")
+    for name in ("x", "dy"):
+        wide = torch.zeros(5, 4095 + 9, device=DEVICE)
+        wide[:, :4095] = inp[name]
+        inp[name] = wide[:, :4095]
+    out = rms_norm(inp["x"], inp["weight"], eps=norm.EPS, save_stats=True)
+    _assert_matches(out.y, "rmsnorm", inp, "fp32", "fwd")
+    _assert_matches(rms_norm_backward(inp["dy"], inp["x"], inp["weight"], out.rstd), "rmsnorm", inp, "fp32", "bwd")
+
+
+@pytest.mark.parametrize("dtype", TOLERANCE)
+@pytest.mark.parametrize("rows, width", zip((5, 3, 4), WIDTHS))
+@pytest.mark.parametrize("op, act, gated", [("swiglu", "silu", True), ("geglu", "gelu_tanh", True),
+                                           ("gelu", "gelu_tanh", False)], ids=("swiglu", "geglu", "gelu"))
+def test_activation(op, act, gated, rows, width, dtype):
+    inp = _inputs(op, RowsShape(rows, width), dtype, scale={"x": 2})  # reaches both tails of the activation
+    _assert_matches(activation(inp["x"], act=act, gated=gated), op, inp, dtype, "fwd")
+    _assert_matches(activation_backward(inp["dy"], inp["x"], act=act, gated=gated), op, inp, dtype, "bwd")
+
+
+@pytest.mark.parametrize("dtype", TOLERANCE)
+@pytest.mark.parametrize("rows, vocab", zip((3, 6, 5), WIDTHS))
+def test_cross_entropy(rows, vocab, dtype):
+    # peaked rows: the online maximum must follow the true one
+    inp = _inputs("cross_entropy", VocabShape(rows, vocab, vocab), dtype, scale={"logits": 4})
+    logits, targets = inp["logits"], inp["targets"]
+    loss, lse = cross_entropy(logits, targets)
+    assert loss.dtype == lse.dtype == torch.float32
+    _assert_matches(loss, "cross_entropy", inp, dtype, "fwd")
+    assert check(lse, torch.logsumexp(logits.double(), dim=-1), TOLERANCE[dtype]).passed
+    dlogits = cross_entropy_backward(inp["dloss"], logits, targets, lse)
+    assert dlogits.dtype == logits.dtype
+    _assert_matches(dlogits, "cross_entropy", inp, dtype, "bwd")
+    buffer = logits.clone()
+    assert cross_entropy_backward(inp["dloss"], buffer, targets, lse, inplace=True).data_ptr() == buffer.data_ptr()
+    _assert_matches(buffer, "cross_entropy", inp, dtype, "bwd")
+
+
+ROTARY_SHAPES = (  # (tokens, heads, kv_heads, head_dim, offset): GQA, MQA, MHA; head_dim/2 not a power of 2
+    (5, 6, 2, 64, 0),
+    (3, 4, 1, 80, 0),
+    (7, 3, 3, 96, 0),
+    (4, 5, 1, 128, 1999),  # decode: every token at position 1999
+)
+
+
+@pytest.mark.parametrize("dtype", TOLERANCE)
+@pytest.mark.parametrize("interleaved", (0, 1), ids=("neox", "gptj"))
+@pytest.mark.parametrize("tokens, heads, kv_heads, head_dim, offset", ROTARY_SHAPES)
+def test_rotary(tokens, heads, kv_heads, head_dim, offset, interleaved, dtype):
+    """q and k are strided views of a fused qkv buffer; the reference rotates by complex multiplication
+    (interleaved) or rotate-half (NeoX); the conjugate rotation is the backward."""
+    inp = _inputs("rotary", RotaryShape(tokens, heads, kv_heads, head_dim, interleaved, offset), dtype)
+    assert inp["q"].stride(0) == (heads + 2 * kv_heads) * head_dim  # read in place, not copied
+    tables = inp["cos"], inp["sin"], inp["positions"]
+    out = tuple(rotary(inp[name], *tables, interleaved=bool(interleaved)) for name in ("q", "k"))
+    _assert_matches(out, "rotary", inp, dtype, "fwd")
+    grads = tuple(rotary(inp[name], *tables, interleaved=bool(interleaved), conjugate=True) for name in ("dq", "dk"))
+    _assert_matches(grads, "rotary", inp, dtype, "bwd")
