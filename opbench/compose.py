@@ -74,7 +74,8 @@ def measurements_from_run(run: dict) -> list[Measurement]:
 # Backend policies: which backends a composition may pick from.
 POLICIES: dict[str, Callable[[str], bool]] = {
     "fastest": lambda backend: True,
-    "eager": lambda backend: backend == "torch" or backend.startswith("sdpa"),  # what reference_layer calls
+    # torch's eager ops (torch, torch-fused, torch-foreach, sdpa-*): what reference_layer calls
+    "eager": lambda backend: backend.startswith(("torch", "sdpa")),
     "vendor": lambda backend: not backend.startswith("triton"),
     "triton": lambda backend: backend.startswith("triton"),
 }

@@ -79,6 +79,8 @@ def _llama(name, hidden, layers, heads, kv_heads, ffn, vocab, max_seq, source, *
                        source=source, **kw)
 
 
+TEST_MODEL = "opbench test model"
+
 # Numbers from each model's published config.json (Hugging Face hub) or paper; tests/data/configs holds
 # those files' shape fields and tests/test_models.py checks every entry against them.
 ZOO: dict[str, ModelConfig] = {m.name: m for m in (
@@ -98,7 +100,11 @@ ZOO: dict[str, ModelConfig] = {m.name: m for m in (
                 rotary="none", source="Brown et al. 2020, Table 2.1 (GPT-2 tokenizer vocabulary)"),
     # Small enough for a CPU, with GQA and widths that are not powers of two so kernels see odd shapes.
     ModelConfig(name="tiny", hidden=192, layers=2, heads=6, kv_heads=2, head_dim=32, ffn_hidden=520,
-                vocab=1000, max_seq_len=512, source="opbench test model"),
+                vocab=1000, max_seq_len=512, source=TEST_MODEL),
+    # The other choices: LayerNorm, GeGLU, GPT-J's interleaved rotary, full MHA and a sliding window.
+    ModelConfig(name="tiny-alt", hidden=160, layers=2, heads=5, kv_heads=5, head_dim=32, ffn_hidden=432,
+                vocab=999, max_seq_len=512, norm="layernorm", activation="geglu", rotary="gptj",
+                sliding_window=64, source=TEST_MODEL),
 )}
 
 

@@ -3,6 +3,7 @@ import pytest
 from opbench.cases import build_cases
 from opbench.hardware import gpu_info, stable_facts
 from opbench.selection import PROFILES, SelectionError, select
+from opbench.workload import parse_workload
 
 
 def test_cpu_defaults_to_smoke_and_gpu_to_default():
@@ -14,10 +15,11 @@ def test_given_models_take_the_profile_workloads_and_vice_versa():
     smoke = PROFILES["smoke"]
     sel = select(profile="smoke", device="cpu", models=["llama-3-8b"], dtypes=["bf16"])
     assert {p.model.name for p in sel.plans} == {"llama-3-8b"}
-    assert [p.workload.label for p in sel.plans] == [
-        f"{w.split(':')[0]}:{w.split(':')[1]},tp=1" for _, w in smoke.pairs]
+    workloads = dict.fromkeys(w for _, w in smoke.pairs)
+    assert [p.workload.label for p in sel.plans] == [parse_workload(w).label for w in workloads]
     sel = select(profile="smoke", device="cpu", workloads=["decode:b=1,s=64"], dtypes=["fp16,bf16"])
-    assert [(p.workload.phase, p.workload.dtype) for p in sel.plans] == [("decode", "fp16"), ("decode", "bf16")]
+    assert [(p.model.name, p.workload.phase, p.workload.dtype) for p in sel.plans] == [
+        (m, "decode", d) for m in ("tiny", "tiny-alt") for d in ("fp16", "bf16")]
 
 
 def test_cases_are_distinct_and_list_every_role_they_serve():
@@ -27,6 +29,15 @@ def test_cases_are_distinct_and_list_every_role_they_serve():
     # prefill b=2,s=96 and train b=2,s=96 share the forward GEMMs of 192 tokens
     qkv = next(c for c in cases if "tiny/prefill/attn.qkv" in c.roles)
     assert "tiny/train/attn.qkv" in qkv.roles and qkv.id == "192x320x192-fp32-fwd-torch"
+
+
+def test_profile_dtypes_per_model_unless_dtypes_are_given():
+    sel = select(profile="smoke", device="cpu")
+    assert {(p.model.name, p.workload.dtype) for p in sel.plans} == {
+        ("tiny", "fp32"), ("tiny", "bf16"), ("tiny-alt", "fp32"), ("tiny-alt", "fp16")}
+    assert sel.dtypes == ("fp32", "bf16", "fp16")
+    sel = select(profile="smoke", device="cpu", dtypes=["bf16"])
+    assert {p.workload.dtype for p in sel.plans} == {"bf16"}
 
 
 def test_unknown_profile():
