@@ -17,6 +17,7 @@ class Profile:
     budget_s: float  # timing budget per case
     min_rounds: int
     about: str
+    collective_max_bytes: int = 2**30  # the collectives' sweep runs from 1 KiB to this, doubling
 
 
 _LLAMA3_8B = ("prefill:b=1,s=2048", "decode:b=1,s=2048", "decode:b=32,s=2048", "train:b=1,s=4096")
@@ -29,7 +30,7 @@ _FULL_MODELS = {"llama-2-7b": 1, "llama-2-70b": 8, "llama-3-8b": 1, "llama-3-70b
 PROFILES: dict[str, Profile] = {p.name: p for p in (
     Profile("smoke", tuple(("tiny", w) for w in ("prefill:b=2,s=96", "decode:b=4,s=200", "train:b=2,s=96")),
             ("fp32", "bf16"), budget_s=0.02, min_rounds=3,
-            about="the tiny model, fast on a CPU: checks that every case runs"),
+            about="the tiny model, fast on a CPU: checks that every case runs", collective_max_bytes=2**15),
     Profile("default",
             tuple(("llama-3-8b", w) for w in _LLAMA3_8B)
             + (("llama-3-70b", "prefill:b=1,s=2048,tp=8"), ("llama-3-70b", "decode:b=32,s=2048,tp=8")),

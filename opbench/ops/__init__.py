@@ -9,6 +9,11 @@ from opbench.ops.base import OpFamily
 # op name -> (module, attribute holding its OpFamily)
 FAMILIES: dict[str, tuple[str, str]] = {
     "gemm": ("opbench.ops.gemm", "GEMM"),
+    "allreduce": ("opbench.ops.collective", "ALLREDUCE"),
+    "allgather": ("opbench.ops.collective", "ALLGATHER"),
+    "reducescatter": ("opbench.ops.collective", "REDUCESCATTER"),
+    "alltoall": ("opbench.ops.collective", "ALLTOALL"),
+    "broadcast": ("opbench.ops.collective", "BROADCAST"),
 }
 
 
