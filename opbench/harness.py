@@ -14,7 +14,7 @@ from opbench.ops.base import shape_dict
 from opbench.timing import RunSettings, check, measure
 
 
-def _is_oom(error: BaseException) -> bool:
+def is_oom(error: BaseException) -> bool:
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
     text = str(error).lower()
@@ -51,7 +51,7 @@ def run_case(benchmark, case: Case, settings: RunSettings) -> None:
         with dtype.math_mode():
             timing = measure(benchmark, fn, settings)
     except Exception as error:
-        if not _is_oom(error):
+        if not is_oom(error):
             raise
         if settings.device == "cuda":
             torch.cuda.empty_cache()

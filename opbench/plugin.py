@@ -17,6 +17,7 @@ import pytest
 
 from opbench import __version__
 from opbench.cases import Case, build_cases
+from opbench.distributed import QuietRank, is_reporting_rank
 from opbench.harness import run_case
 from opbench.hardware import energy_unavailable, gpu_info, software_versions, stable_facts
 from opbench.ops import FAMILIES, get_family
@@ -107,6 +108,8 @@ def pytest_configure(config):
                            energy=opt.energy and energy_unavailable() is None)
     config._opbench = _State(selection, settings)
     config.addinivalue_line("markers", "opbench: a case measured by opbench")
+    if not is_reporting_rank():  # under torchrun every rank runs pytest; rank 0 alone reports
+        config.pluginmanager.register(QuietRank(), "opbench-quiet-rank")
 
 
 def pytest_generate_tests(metafunc):
@@ -207,7 +210,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     state: _State | None = getattr(config, "_opbench", None)
-    if state is None or not state.timed:
+    if state is None or not state.timed or not is_reporting_rank():
         return
     terminalreporter.section("opbench summary")
     for line in summary_lines(state.timed, state.settings.device):

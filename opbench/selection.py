@@ -18,6 +18,7 @@ class Profile:
     min_rounds: int
     about: str
     model_dtypes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # models run in other dtypes
+    collective_max_bytes: int = 2**30  # the collectives' sweep runs from 1 KiB to this, doubling
 
 
 _LLAMA3_8B = ("prefill:b=1,s=2048", "decode:b=1,s=2048", "decode:b=32,s=2048", "decode:b=32,s=2048,smin=128",
@@ -33,7 +34,7 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
                                                  "train:b=2,s=96"))
             + (("tiny-alt", "train:b=2,s=96"), ("tiny-alt", "decode:b=2,s=150")),
             ("fp32", "bf16"), budget_s=0.02, min_rounds=3,
-            about="the tiny models, fast on a CPU: checks that every case runs",
+            about="the tiny models, fast on a CPU: checks that every case runs", collective_max_bytes=2**15,
             # fp16 rather than bf16: torch's CPU LayerNorm backward accumulates the bf16 weight
             # gradient in bf16 (1.3% off), which the correctness gate rightly fails
             model_dtypes={"tiny-alt": ("fp32", "fp16")}),

@@ -116,7 +116,7 @@ def calls_for(call_s: float) -> int:
     return max(1, min(MAX_UNROLL, math.ceil(REPLAY_TARGET_S / call_s)))
 
 
-def _cuda_call_time(fn: Callable[[], Any], calls: int = 3) -> float:
+def cuda_call_time(fn: Callable[[], Any], calls: int = 3) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(calls):
@@ -126,7 +126,7 @@ def _cuda_call_time(fn: Callable[[], Any], calls: int = 3) -> float:
     return start.elapsed_time(end) * 1e-3 / calls
 
 
-def _cpu_call_time(fn: Callable[[], Any], calls: int = 3) -> float:
+def cpu_call_time(fn: Callable[[], Any], calls: int = 3) -> float:
     start = time.perf_counter()
     for _ in range(calls):
         fn()
@@ -163,7 +163,7 @@ def measure(benchmark, fn: Callable[[], Any], settings: RunSettings) -> Timing:
     if settings.device == "cuda":
         return _measure_cuda(benchmark, fn, settings)
     fn()
-    call_s = _cpu_call_time(fn)
+    call_s = cpu_call_time(fn)
     iterations = calls_for(call_s)
     rounds = rounds_for(call_s * iterations, settings.budget_s, settings.min_rounds)
     benchmark._timer = time.perf_counter
@@ -174,11 +174,11 @@ def measure(benchmark, fn: Callable[[], Any], settings: RunSettings) -> Timing:
 def _measure_cuda(benchmark, fn, settings: RunSettings) -> Timing:
     for _ in range(2):
         fn()
-    call_s = _cuda_call_time(fn)
+    call_s = cuda_call_time(fn)
     budget_s, min_rounds = settings.budget_s, settings.min_rounds
     if settings.cold_l2:  # one call a round, the flush in pedantic's untimed setup
         flush = l2_flusher()
-        rounds = rounds_for(call_s + _cuda_call_time(flush, 1), budget_s, min_rounds)
+        rounds = rounds_for(call_s + cuda_call_time(flush, 1), budget_s, min_rounds)
         benchmark._timer = CudaEventClock()
         benchmark.pedantic(fn, setup=flush, rounds=rounds, warmup_rounds=1)
         return Timing("cuda-event", 1, rounds)

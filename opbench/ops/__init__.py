@@ -22,6 +22,11 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "cross_entropy": ("opbench.ops.embedding", "CROSS_ENTROPY"),
     "adamw": ("opbench.ops.optim", "ADAMW"),
     "copy": ("opbench.ops.copy", "COPY"),
+    "allreduce": ("opbench.ops.collective", "ALLREDUCE"),
+    "allgather": ("opbench.ops.collective", "ALLGATHER"),
+    "reducescatter": ("opbench.ops.collective", "REDUCESCATTER"),
+    "alltoall": ("opbench.ops.collective", "ALLTOALL"),
+    "broadcast": ("opbench.ops.collective", "BROADCAST"),
 }
 
 

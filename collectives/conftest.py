@@ -1,0 +1,107 @@
+"""The process group, the cases and the end-of-run report of a collectives run; every rank runs this."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from opbench.collective_harness import collective_cases, run_collective_case, summary_lines
+from opbench.comm_model import Fit, fit_all
+from opbench.distributed import (DEFAULT_TIMEOUT_S, DistributedError, Launch, World, finish, is_reporting_rank,
+                                 launch_layout, start, stop)
+
+
+@dataclass
+class _Run:
+    """What this rank knows of the run: how it was launched, its process group, its timed cases."""
+    launch: Launch
+    backend: str
+    timeout_s: float
+    world: World | None = None
+    timed: list[dict] = field(default_factory=list)  # extra_info of each timed case
+
+    def layout(self) -> dict:
+        return self.world.layout() if self.world else launch_layout(self.launch) | {"backend": self.backend}
+
+    def fits(self) -> list[Fit]:
+        return fit_all((i["op"], i["dtype"], i["backend"], i["world"], i["bytes"], i["median_s"]) for i in self.timed)
+
+
+_RUN = pytest.StashKey[_Run]()
+
+
+def pytest_addoption(parser):
+    parser.getgroup("opbench").addoption(
+        "--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+        help="collectives: how long ranks wait for each other, at start-up (the rendezvous) and in any "
+             f"collective, before stopping with an error (default {DEFAULT_TIMEOUT_S:g})")
+
+
+@pytest.hookimpl(trylast=True)  # after the opbench plugin has chosen the device
+def pytest_configure(config):
+    backend = "nccl" if config._opbench.settings.device == "cuda" else "gloo"
+    config.stash[_RUN] = _Run(Launch.from_env(), backend, config.option.dist_timeout)
+
+
+def pytest_report_header(config):
+    run = config.stash[_RUN]
+    return f"opbench collectives: {run.launch.describe()}; {run.backend}, timeout {run.timeout_s:g} s"
+
+
+def pytest_generate_tests(metafunc):
+    if "collective" not in metafunc.fixturenames:
+        return
+    run = metafunc.config.stash[_RUN]
+    cases = collective_cases(metafunc.config._opbench.selection, run.launch.world_size, run.backend)
+    metafunc.parametrize("collective", cases, ids=[f"{c.op}-{c.id}" for c in cases])
+
+
+@pytest.fixture(scope="session")
+def world(request) -> World:
+    run = request.config.stash[_RUN]
+    try:
+        run.world = start(run.launch, request.config._opbench.settings.device, run.timeout_s)
+        run.world.check_same_tests(item.nodeid for item in request.session.items)
+    except DistributedError as error:
+        stop(str(error), request.config)
+    yield run.world
+    finish()
+
+
+@pytest.fixture
+def measure_collective(benchmark, world, request):
+    """Run a collective case on every rank: agreed skips, correctness, fixed rounds, slowest rank's times."""
+    run = request.config.stash[_RUN]
+
+    def measure(case) -> None:
+        try:
+            run_collective_case(benchmark, case, request.config._opbench.settings, world)
+        except DistributedError as error:
+            stop(str(error), request.config)
+        if benchmark.stats is not None:
+            run.timed.append(dict(benchmark.extra_info))
+    return measure
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["distributed"] = config.stash[_RUN].layout()
+
+
+@pytest.hookimpl(trylast=True)  # after the plugin has written the opbench section
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    run = config.stash[_RUN]
+    output_json.setdefault("opbench", {})["collectives"] = {
+        "world": run.layout(),
+        "model": "time_s = alpha_s + busbw_factor(op, world) * size_bytes / (busbw_gbps * 1e9)",
+        "fits": [f.to_dict() for f in run.fits()],
+    }
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    run = config.stash[_RUN]
+    if not run.timed or not is_reporting_rank():
+        return
+    terminalreporter.section("opbench collectives")
+    for line in summary_lines(run.timed, run.fits(), run.launch.describe()):
+        terminalreporter.write_line(line)

@@ -1,0 +1,192 @@
+"""Collective cases: which messages a run measures, and how one case is measured on every rank at once.
+
+Every rank runs the same cases in the same order with the same rounds and iterations, since a rank
+that skips, fails or calibrates on its own leaves the others waiting in a collective it never issues:
+skips and verdicts are agreed, the rounds come from the slowest rank's estimate, and the time of a
+round is the slowest rank's.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import pytest
+
+from opbench.cases import Case
+from opbench.comm_model import Fit
+from opbench.distributed import World, first_line
+from opbench.dtypes import get_dtype
+from opbench.harness import is_oom
+from opbench.ops import get_family
+from opbench.ops.base import shape_dict
+from opbench.ops.collective import (COLLECTIVES, CollectiveShape, algbw_gbps, busbw_factor, message_bytes,
+                                    shape_id)
+from opbench.selection import Selection
+from opbench.summary import format_seconds
+from opbench.timing import (Check, CudaEventClock, RunSettings, calls_for, check, cpu_call_time, cuda_call_time,
+                            rounds_for)
+from opbench.workload import Plan
+
+SWEEP_MIN_BYTES = 2**10
+GRADIENT_BUCKET_BYTES = 25 * 2**20  # torch DistributedDataParallel's default bucket_cap_mb
+
+
+def sweep_sizes(max_bytes: int) -> list[int]:
+    """1 KiB, 2 KiB, 4 KiB, ... up to max_bytes."""
+    sizes, size = [], SWEEP_MIN_BYTES
+    while size <= max_bytes:
+        sizes.append(size)
+        size *= 2
+    return sizes
+
+
+def plan_messages(plan: Plan, world: int) -> list[tuple[str, int, str]]:
+    """(op, size_bytes, role) of the collectives a plan pays in a world of `world` ranks:
+    - its tensor-parallel all-reduces, when its tensor-parallel degree is the world (the messages of
+      other degrees run among other numbers of ranks; they come from the fit or a fabric profile);
+    - in training without tensor parallelism, data parallelism over the whole world: DDP's all-reduce of
+      one gradient bucket (25 MiB, or all the gradients when fewer), and ZeRO-3 / FSDP's reduce-scatter
+      of one layer's gradients and all-gather of its parameters, in the workload's dtype.
+    """
+    w = plan.workload
+    out = [(c.op, c.shape.size_bytes, c.role) for c in plan.calls
+           if isinstance(c.shape, CollectiveShape) and c.shape.world == world]
+    if w.training and w.tp == 1 and world > 1:
+        grad_bytes = get_dtype(get_family("allreduce").case_dtype(w.dtype)).bytes  # fp8 training reduces bf16
+        layer = sum(c.shape.params for c in plan.calls if c.op == "adamw" and c.scope == "layer")
+        everything = sum(c.shape.params * (plan.model.layers if c.scope == "layer" else 1)
+                         for c in plan.calls if c.op == "adamw")
+        out += [("allreduce", min(GRADIENT_BUCKET_BYTES, everything * grad_bytes), "dp.allreduce.bucket"),
+                ("reducescatter", layer * grad_bytes, "zero.reducescatter.layer"),
+                ("allgather", layer * grad_bytes, "zero.allgather.layer")]
+    return out
+
+
+def collective_cases(selection: Selection, world: int, backend: str) -> list[Case]:
+    """The plans' messages at this world size plus the profile's sweep, per collective and dtype,
+    ordered by op, dtype and size (every rank builds the same list)."""
+    if selection.backends is not None and backend not in selection.backends:
+        return []
+    wanted: dict[tuple[str, str, int], list[str]] = {}
+    for p in selection.plans:
+        for op, size, role in plan_messages(p, world):
+            dtype = get_family(op).case_dtype(p.workload.dtype)
+            roles = wanted.setdefault((op, dtype, size), [])
+            label = f"{p.model.name}/{p.workload.phase}/{role}"
+            if label not in roles:
+                roles.append(label)
+    for op in COLLECTIVES:
+        family = get_family(op)
+        for dtype in dict.fromkeys(filter(None, map(family.case_dtype, selection.dtypes))):
+            for size in sweep_sizes(selection.profile.collective_max_bytes):
+                wanted.setdefault((op, dtype, size), [])
+    cases: dict[tuple, Case] = {}
+    for (op, dtype, size), roles in wanted.items():
+        shape = CollectiveShape(message_bytes(op, size, world, get_dtype(dtype).bytes), world)
+        if shape.size_bytes == 0:
+            continue
+        known = cases[(op, dtype, shape)].roles if (op, dtype, shape) in cases else ()  # sizes that round alike
+        cases[(op, dtype, shape)] = Case(op, shape, dtype, "fwd", backend,
+                                         known + tuple(r for r in roles if r not in known))
+    order = {op: i for i, op in enumerate(COLLECTIVES)}
+    return sorted(cases.values(), key=lambda c: (order[c.op], c.dtype, c.shape.size_bytes))
+
+
+def run_collective_case(benchmark, case: Case, settings: RunSettings, world: World) -> None:
+    family = get_family(case.op)
+    backend = family.backends[case.backend]
+    dtype = get_dtype(case.dtype)
+    shape: CollectiveShape = case.shape
+    factor = busbw_factor(case.op, shape.world)
+    info = benchmark.extra_info
+    info.update({"op": case.op, "backend": case.backend, "dtype": case.dtype, "pass": case.pass_,
+                 "shape": shape_dict(case.shape), "roles": list(case.roles), "flops": 0,
+                 "bytes": family.bytes(shape, dtype, case.pass_), "impl": backend.impl, "world": world.size,
+                 "busbw_factor": factor})
+    with world.guard(f"{case.op} {shape_id(shape)} {case.dtype}"):
+        _skip_on_all_ranks(world, backend.requires(shape, dtype, settings.device))
+        inputs, reason = None, None
+        try:
+            inputs = family.inputs(shape, dtype, case.pass_, settings.device)
+        except Exception as error:
+            if not is_oom(error):
+                raise
+            reason = f"out of memory: {first_line(error)}"
+        _skip_on_all_ranks(world, reason)
+        fn = backend.prepare(inputs, dtype, case.pass_)
+        expected = family.reference(inputs, dtype, case.pass_)
+        out = None
+        try:  # backends refuse a dtype before sending anything (gloo: "Invalid scalar type")
+            out = fn()
+        except RuntimeError as error:
+            reason = f"{case.backend} does not support {case.dtype} {case.op} here: {first_line(error)}"
+        _skip_on_all_ranks(world, reason)
+        info["correct"] = _agreed_check(world, check(out, expected, dtype.tol))
+        del out, expected
+        if not info["correct"]["passed"]:
+            pytest.fail(f"wrong result on rank {info['correct']['worst_rank']}: relative error "
+                        f"{info['correct']['rel_err']:.3g} > tolerance {dtype.tol:g}", pytrace=False)
+        timer, unroll, rounds = _time(benchmark, fn, settings, world)
+        data = benchmark.stats.stats.data if benchmark.stats is not None else None
+        if data is not None:
+            slowest = world.max(*data)  # round by round: every rank ran the same rounds in lockstep
+            rank_medians = world.gather(statistics.median(data))
+    info.update({"timer": timer, "unroll": unroll, "rounds": rounds})
+    if data is None:  # --benchmark-disable: ran once, nothing timed
+        return
+    data[:] = slowest  # no statistic has been read yet; all of them now describe the slowest rank
+    median_s = statistics.median(slowest)
+    algbw = algbw_gbps(shape.size_bytes, median_s)
+    info.update({"median_s": median_s, "tflops": 0.0, "gbps": algbw, "algbw_gbps": algbw, "busbw_gbps": algbw * factor,
+                 "rank_median_s": rank_medians, "slowest_rank": rank_medians.index(max(rank_medians)),
+                 "rank_spread": max(rank_medians) / min(rank_medians) - 1 if min(rank_medians) > 0 else None})
+
+
+def _skip_on_all_ranks(world: World, reason: str | None) -> None:
+    reason = world.agree(reason)
+    if reason:
+        pytest.skip(reason)
+
+
+def _agreed_check(world: World, verdict: Check) -> dict:
+    """The worst rank's verdict, on every rank, so that all fail together or none does."""
+    err = verdict.rel_err if verdict.rel_err == verdict.rel_err else math.inf  # NaN: as wrong as can be
+    worst_err, = world.max(err)
+    worst_rank = int(world.max(world.rank if err >= worst_err else -1)[0])
+    return {"rel_err": worst_err, "tol": verdict.tol, "passed": worst_err <= verdict.tol, "worst_rank": worst_rank}
+
+
+def _time(benchmark, fn, settings: RunSettings, world: World) -> tuple[str, int, int]:
+    """Fixed rounds and iterations, the same on every rank, from the slowest rank's estimate."""
+    on_gpu = world.device.type == "cuda"
+    for _ in range(2):
+        fn()
+    call_s, = world.max(cuda_call_time(fn) if on_gpu else cpu_call_time(fn))
+    iterations = calls_for(call_s)
+    rounds = rounds_for(call_s * iterations, settings.budget_s, settings.min_rounds)
+    benchmark._timer = CudaEventClock() if on_gpu else time.perf_counter
+    benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=1)
+    return ("cuda-event" if on_gpu else "cpu"), iterations, rounds
+
+
+def summary_lines(timed: list[dict], fits: list[Fit], world: str) -> list[str]:
+    """The end-of-run table of collectives (the slowest rank's medians), then the alpha-beta fits."""
+    rows = [("op", "size", "dtype", "median", "algbw GB/s", "busbw GB/s", "rank spread", "serves")]
+    for info in timed:
+        roles = info["roles"]
+        spread = info["rank_spread"]
+        rows.append((info["op"], shape_id(CollectiveShape(**info["shape"])), info["dtype"],
+                     format_seconds(info["median_s"]), f"{info['algbw_gbps']:.4g}", f"{info['busbw_gbps']:.4g}",
+                     f"{spread:.1%}" if spread is not None else "-",
+                     (roles[0] + (f" (+{len(roles) - 1})" if len(roles) > 1 else "")) if roles else "sweep"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"{world}; medians per call of the slowest rank, bandwidths as nccl-tests defines them"]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.append("alpha-beta fits, t = alpha + busbw_factor x size / busbw:")
+    for f in fits:
+        busbw = f"busbw {f.busbw_gbps:.4g} GB/s" if f.busbw_gbps else "no bandwidth term"
+        lines.append(f"  {f.op} {f.dtype} {f.backend} n={f.world}: alpha {format_seconds(f.alpha_s)}, {busbw}, "
+                     f"{f.points} sizes {f.min_bytes}-{f.max_bytes} B, worst residual {f.max_rel_residual:.0%}")
+    return lines
