@@ -6,7 +6,8 @@ Each call's time has a source:
   interpolated  cases of the same op, dtype, pass and backend that differ from the call in one shape
                 field (a sweep of tokens or context length) bracket it: linear interpolation;
   modeled       a roofline t = max(flops / F, bytes / B) whose F and B are fitted to the run's
-                measured cases of the same op family.
+                measured cases of the same op family; for collectives, the alpha-beta model of a
+                measured sweep (a collectives run's fits) or else of a named fabric profile.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from opbench.cases import case_dtype
+from opbench.comm_model import AlphaBeta, get_profile, predict
 from opbench.dtypes import get_dtype
 from opbench.ops import FAMILIES, get_family
 from opbench.ops.base import shape_dict
+from opbench.ops.collective import COLLECTIVES
 from opbench.workload import Plan
 
 SOURCES = ("measured", "interpolated", "modeled")
@@ -155,8 +158,12 @@ class Breakdown:
 class Composer:
     """Looks up, interpolates or models the time of op calls from one run's measurements."""
 
-    def __init__(self, measurements: Iterable[Measurement], policy: str = "fastest"):
+    def __init__(self, measurements: Iterable[Measurement], policy: str = "fastest",
+                 fits: Iterable[AlphaBeta] = (), fabric: str = "h100-nvlink-ring"):
+        """fits: alpha-beta fits of a collectives run, used before the fabric profile."""
         self.policy = policy
+        self.fits = {f.op: f for f in fits}
+        self.fabric = get_profile(fabric)
         allowed = backend_filter(policy)
         self.measurements = [m for m in measurements if allowed(m.backend)]
         self._exact: dict[tuple, Measurement] = {}
@@ -176,7 +183,15 @@ class Composer:
         interpolated = self._interpolate(op, key, dtype, pass_)
         if interpolated is not None:
             return interpolated + (None,)
+        if op in COLLECTIVES:
+            fields = dict(key)
+            source = self.fits.get(op) or self.fabric
+            return self.collective_s(op, fields["size_bytes"], fields["world"]), "modeled", _name(source), None
         return self._model(op, key, dtype, pass_, role), "modeled", None, None
+
+    def collective_s(self, op: str, size_bytes: int, world: int) -> float:
+        """One collective call by the alpha-beta model: a measured fit of the op, else the fabric profile."""
+        return predict(op, size_bytes, world, self.fits.get(op) or self.fabric)
 
     def _interpolate(self, op, key, dtype, pass_) -> tuple[float, str, str] | None:
         target = dict(key)
@@ -227,6 +242,10 @@ class Composer:
                 raise MissingMeasurement(f"{missing}; {how}") from None
             calls.append(CallTime(c.role, c.op, c.pass_, c.count, c.scope, t, source, backend, energy))
         return Breakdown(plan, tuple(calls))
+
+
+def _name(model) -> str:
+    return model.source if isinstance(model, AlphaBeta) else f"profile {model.name}"
 
 
 def _interpolate_linear(points: list[tuple[int, float]], x: int) -> float | None:

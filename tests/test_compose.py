@@ -83,3 +83,18 @@ def test_missing_op_names_the_op_and_role():
                                                  r"--dtype bf16 -k gemm"):
         p = plan(ZOO["tiny"], Workload("decode", 1, 64))
         Composer([]).compose(Plan(p.model, p.workload, tuple(c for c in p.calls if c.op == "gemm")))
+
+
+def test_collectives_come_from_a_measured_fit_or_else_the_fabric_profile():
+    from opbench.comm_model import AlphaBeta, PROFILES
+    from opbench.ops.collective import CollectiveShape
+
+    shape = CollectiveShape(size_bytes=64 * 2**20, world=8)
+    t, source, model, _ = Composer([], fabric="h100-nvlink-ring").time("allreduce", shape, "bf16", "fwd")
+    # alpha + 2(n-1)/n x S / busbw = 10 us + 1.75 x 64 MiB / 370 GB/s
+    assert (source, model) == ("modeled", "profile h100-nvlink-ring")
+    assert t == pytest.approx(10e-6 + 1.75 * 64 * 2**20 / 370e9)
+    assert PROFILES["h100-nvlink-ring"].world == 8
+    fit = AlphaBeta("allreduce", 20e-6, 100.0, 2, "measured: nccl bf16, world of 2")
+    t, _, model, _ = Composer([], fits=[fit]).time("allreduce", shape, "bf16", "fwd")
+    assert model == fit.source and t == pytest.approx(20e-6 + 1.75 * 64 * 2**20 / 100e9)
