@@ -10,6 +10,7 @@ import torch
 
 from opbench.cases import Case
 from opbench.dtypes import get_dtype
+from opbench.hardware import watch_clocks
 from opbench.ops import get_family
 from opbench.ops.base import shape_dict
 from opbench.timing import check, measure
@@ -57,7 +58,7 @@ def run_case(benchmark, case: Case, settings: RunSettings) -> None:
         if not verdict.passed:
             pytest.fail(f"wrong result: relative error {verdict.rel_err:.3g} > tolerance {verdict.tol:g}"
                         f" (output {verdict.output})", pytrace=False)
-        with dtype.math_mode():
+        with dtype.math_mode(), watch_clocks(settings.device) as clocks:
             timing = measure(benchmark, fn, device=settings.device, budget_s=settings.budget_s,
                              min_rounds=settings.min_rounds, cold_l2=settings.cold_l2)
     except Exception as error:
@@ -67,7 +68,7 @@ def run_case(benchmark, case: Case, settings: RunSettings) -> None:
             torch.cuda.empty_cache()
         pytest.skip(f"out of memory: {str(error).splitlines()[0][:200]}")
 
-    info.update({"timer": timing.timer, "unroll": timing.unroll})
+    info.update({"timer": timing.timer, "unroll": timing.unroll, **clocks})  # clocks: CUDA only
     if benchmark.stats is not None:
         median_s = benchmark.stats.stats.median
         info["median_s"] = median_s

@@ -12,6 +12,7 @@ from opbench.cases import Case, build_cases
 from opbench.harness import RunSettings, run_case
 from opbench.hardware import gpu_info, software_versions, stable_facts
 from opbench.ops import FAMILIES, get_family
+from opbench.roofline import add_roofline
 from opbench.selection import PROFILES, Selection, SelectionError, select
 from opbench.summary import summary_lines
 
@@ -94,6 +95,11 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("case", cases, ids=[c.id for c in cases])
 
 
+def run_settings(config) -> RunSettings:
+    """The run's device and timing settings, for bench modules that parametrize their own cases."""
+    return config._opbench.settings
+
+
 @pytest.fixture
 def measure_case(benchmark, request):
     """Run a case through the harness: availability, correctness gate, timing, extra_info."""
@@ -143,6 +149,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
                      "cold_l2": state.settings.cold_l2},
         "plans": [p.to_dict() for p in state.selection.plans],
     }
+    add_roofline(output_json)  # peaks may run before or after the cases they bound
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
