@@ -1,4 +1,4 @@
-"""`opbench ...` (also `python -m opbench`): look at models and plans without running anything."""
+"""`opbench ...` (also `python -m opbench`): look at models and plans, compare and report runs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import json
 import sys
 from dataclasses import asdict
 
+from opbench import compare, peaks, report
+from opbench.charts import ReportError
 from opbench.models import ZOO, ConfigError, get_model
+from opbench.runs import RunError
 from opbench.selection import PROFILES
 from opbench.workload import PlanError, parse_workload, plan
 
@@ -51,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="opbench",
         description="LLM operator micro-benchmarks. Run the suite with `pytest bench/ --benchmark-json=results.json`;"
-                    " these commands inspect what it plans.",
+                    " these commands inspect what it plans and read what it measured.",
         epilog="profiles: " + "; ".join(f"{p.name}: {p.about}" for p in PROFILES.values()))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("models", help="list the built-in model zoo").set_defaults(func=_models)
@@ -61,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", help="workload dtype: bf16, fp16, fp32, tf32, fp8 (default bf16)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_plan)
+    for command in (compare, report, peaks):
+        command.add_command(sub)
     return parser
 
 
@@ -68,10 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.func(args)
-    except (ConfigError, PlanError) as error:
+        return args.func(args) or 0  # compare: 1 on a regression
+    except (ConfigError, PlanError, RunError, ReportError) as error:
         parser.exit(2, f"opbench: error: {error}\n")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
-"""Machine facts for the JSON: the GPUs as NVML reports them, and the software versions."""
+"""Machine facts for the JSON: the GPUs as NVML reports them, the software versions, and the clocks,
+temperature and slowdown reasons sampled around each GPU case."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +60,7 @@ def gpu_info() -> dict:
     try:
         cuda = _try(nvml.nvmlSystemGetCudaDriverVersion)
         devices = [_device_info(nvml, nvml.nvmlDeviceGetHandleByIndex(i)) for i in range(nvml.nvmlDeviceGetCount())]
-        used = None
-        if torch.cuda.is_available():
-            uuid = _try(lambda: str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid))
-            used = f"GPU-{uuid}" if uuid and not uuid.startswith("GPU-") else uuid
+        used = _torch_gpu_uuid()
         return {
             "available": True,
             "driver": _try(nvml.nvmlSystemGetDriverVersion),
@@ -81,8 +81,7 @@ def _energy_source() -> tuple[Callable[[], float] | None, str | None]:
         import pynvml as nvml
 
         nvml.nvmlInit()
-        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
-        handle = nvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+        handle = nvml.nvmlDeviceGetHandleByUUID(_torch_gpu_uuid())
         nvml.nvmlDeviceGetTotalEnergyConsumption(handle)
     except Exception as error:
         return None, f"NVML's energy counter cannot be read: {error}"
@@ -110,6 +109,14 @@ def last_level_cache_bytes(cpu_caches: Path = Path("/sys/devices/system/cpu/cpu0
             continue
         sizes[level] = max(sizes.get(level, 0), value)
     return sizes[max(sizes)] if sizes else 0
+
+
+def _torch_gpu_uuid() -> str | None:
+    """NVML's UUID ("GPU-...") of the GPU torch runs on, or None without one."""
+    if not torch.cuda.is_available():
+        return None
+    uuid = _try(lambda: str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid))
+    return f"GPU-{uuid}" if uuid and not uuid.startswith("GPU-") else uuid
 
 
 def _version(dist: str) -> str | None:
@@ -149,3 +156,87 @@ def stable_facts(machine_info: dict) -> dict:
         "gpus": [{k: d.get(k) for k in _STABLE_GPU} for d in gpu.get("devices", [])],
         "software": machine_info.get("software"),
     }
+
+
+# Clock-event reasons (nvml.h: nvmlClocksEventReason*, formerly nvmlClocksThrottleReason*, same bits)
+# that mean the GPU slowed itself down for heat or power while a kernel ran, so the case's time says
+# more about the card's state than about the kernel. Idle, application-clock settings, sync boost and
+# display clocks are not such slowdowns.
+THROTTLE_REASONS = {
+    0x4: "sw_power_cap",
+    0x8: "hw_slowdown",
+    0x20: "sw_thermal",
+    0x40: "hw_thermal",
+    0x80: "hw_power_brake",
+}
+
+
+@dataclass(frozen=True)
+class ClockSample:
+    """One NVML reading of the GPU a case runs on; None where the GPU or driver does not report it."""
+    sm_clock_mhz: int | None
+    mem_clock_mhz: int | None
+    temperature_c: int | None
+    power_w: float | None
+    event_reasons: int | None  # bitmask of clock-event reasons
+
+
+def _event_reasons(nvml, handle) -> int | None:
+    # EventReasons is the current name of the call; older drivers only have ThrottleReasons.
+    for name in ("nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons"):
+        read = getattr(nvml, name, None)
+        value = _try(lambda: read(handle)) if read else None
+        if value is not None:
+            return value
+    return None
+
+
+def sample_clocks(nvml, handle) -> ClockSample:
+    power_mw = _try(lambda: nvml.nvmlDeviceGetPowerUsage(handle))
+    return ClockSample(
+        sm_clock_mhz=_try(lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM)),
+        mem_clock_mhz=_try(lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_MEM)),
+        temperature_c=_try(lambda: nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)),
+        power_w=power_mw / 1000 if power_mw is not None else None,
+        event_reasons=_event_reasons(nvml, handle),
+    )
+
+
+def throttle_reasons(mask: int | None) -> list[str]:
+    """The thermal and power slowdowns in a clock-event bitmask."""
+    return [name for bit, name in THROTTLE_REASONS.items() if mask and mask & bit]
+
+
+def clock_record(before: ClockSample, after: ClockSample) -> dict:
+    """What a GPU case adds to its extra_info: the samples around its timing, and the slowdowns seen
+    in either (a slowdown still active when timing starts slows its first rounds too)."""
+    seen = set(throttle_reasons(before.event_reasons)) | set(throttle_reasons(after.event_reasons))
+    return {"clocks": {"before": asdict(before), "after": asdict(after)},
+            "throttled": [name for name in THROTTLE_REASONS.values() if name in seen]}
+
+
+@functools.cache
+def _nvml_device() -> tuple[Any, Any] | None:
+    """(pynvml, handle) of the GPU torch runs on, NVML left initialised for the process; None without."""
+    try:
+        import pynvml as nvml
+
+        nvml.nvmlInit()
+        uuid = _torch_gpu_uuid()
+        return nvml, (nvml.nvmlDeviceGetHandleByUUID(uuid) if uuid else nvml.nvmlDeviceGetHandleByIndex(0))
+    except Exception:
+        return None
+
+
+@contextlib.contextmanager
+def watch_clocks(device: str) -> Iterator[dict]:
+    """Around a case's timing: yields a dict that holds clock_record() once the block is done;
+    it stays empty on CPU and where NVML cannot read the GPU."""
+    record: dict = {}
+    nvml_device = _nvml_device() if device == "cuda" else None
+    if nvml_device is None:
+        yield record
+        return
+    before = sample_clocks(*nvml_device)
+    yield record
+    record.update(clock_record(before, sample_clocks(*nvml_device)))

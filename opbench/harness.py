@@ -9,6 +9,7 @@ import torch
 
 from opbench.cases import Case
 from opbench.dtypes import get_dtype
+from opbench.hardware import watch_clocks
 from opbench.ops import get_family
 from opbench.ops.base import shape_dict
 from opbench.timing import RunSettings, check, measure
@@ -48,7 +49,7 @@ def run_case(benchmark, case: Case, settings: RunSettings) -> None:
         if not verdict.passed:
             pytest.fail(f"wrong result: relative error {verdict.rel_err:.3g} > tolerance {verdict.tol:g}"
                         f" (output {verdict.output})", pytrace=False)
-        with dtype.math_mode():
+        with dtype.math_mode(), watch_clocks(settings.device) as clocks:
             timing = measure(benchmark, fn, settings)
     except Exception as error:
         if not is_oom(error):
@@ -57,7 +58,7 @@ def run_case(benchmark, case: Case, settings: RunSettings) -> None:
             torch.cuda.empty_cache()
         pytest.skip(f"out of memory: {str(error).splitlines()[0][:200]}")
 
-    info.update({"timer": timing.timer, "unroll": timing.unroll})
+    info.update({"timer": timing.timer, "unroll": timing.unroll, **clocks})  # clocks: CUDA only
     if timing.energy_j is not None:
         info["energy_j"] = timing.energy_j
     if benchmark.stats is not None:

@@ -1,11 +1,9 @@
 """The pytest plugin: options, parametrization from the plan, machine info, JSON section, summary.
 
 A bench module names its op family in OP (cases: the plan's calls of it) and may list cases that
-no plan has in CASES, a function of the run's Selection returning Cases (the copy bandwidth case);
-it applies the selection's backend filter where it wants it.
-Cases of a family that measures a peak (OpFamily.sets_peak) run first; their GB/s becomes the peak
-(the JSON's opbench.peaks), and the cases of families compared with it (OpFamily.gbps_peak) get
-extra_info["peak_share"] = {peak name: their GB/s / the peak}.
+no plan has in CASES, a function of the run's Selection returning Cases; it applies the selection's
+backend filter where it wants it. Modules whose cases are not Cases (peaks, units) parametrize
+themselves.
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ from opbench.distributed import QuietRank, is_reporting_rank
 from opbench.harness import run_case
 from opbench.hardware import energy_unavailable, gpu_info, software_versions, stable_facts
 from opbench.ops import FAMILIES, get_family
+from opbench.roofline import add_roofline
 from opbench.selection import PROFILES, Selection, SelectionError, select
 from opbench.results import compose_session
 from opbench.summary import composition_lines, summary_lines
@@ -34,7 +33,6 @@ class _State:
     settings: RunSettings
     timed: list[tuple[Case, dict]] = field(default_factory=list)
     units: list[tuple[UnitCase, dict]] = field(default_factory=list)
-    peaks: dict[str, float] = field(default_factory=dict)  # measured peaks in GB/s, by name
     _composition: dict | None = None
 
     def composition(self) -> dict:
@@ -127,12 +125,9 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("case", cases, ids=[c.id for c in cases])
 
 
-def pytest_collection_modifyitems(session, config, items):
-    """Cases that measure a peak first, so that the cases compared with it find it."""
-    def sets_peak(item) -> bool:
-        case = getattr(item, "callspec", None) and item.callspec.params.get("case")
-        return isinstance(case, Case) and get_family(case.op).sets_peak is not None
-    items.sort(key=lambda item: not sets_peak(item))
+def run_settings(config) -> RunSettings:
+    """The run's device and timing settings, for bench modules that parametrize their own cases."""
+    return config._opbench.settings
 
 
 @pytest.fixture
@@ -142,14 +137,8 @@ def measure_case(benchmark, request):
 
     def run(case: Case) -> None:
         run_case(benchmark, case, state.settings)
-        if benchmark.stats is None:
-            return
-        info, family = benchmark.extra_info, get_family(case.op)
-        if family.sets_peak and info["gbps"]:
-            state.peaks[family.sets_peak] = max(info["gbps"], state.peaks.get(family.sets_peak, 0.0))
-        if family.gbps_peak in state.peaks and info["gbps"] is not None:
-            info["peak_share"] = {family.gbps_peak: info["gbps"] / state.peaks[family.gbps_peak]}
-        state.timed.append((case, dict(info)))
+        if benchmark.stats is not None:
+            state.timed.append((case, dict(benchmark.extra_info)))
     return run
 
 
@@ -204,8 +193,8 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
                      "cold_l2": state.settings.cold_l2},
         "plans": [p.to_dict() for p in state.selection.plans],
         **state.composition(),
-        "peaks": state.peaks,
     }
+    add_roofline(output_json)  # peaks may run before or after the cases they bound
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -45,7 +45,8 @@ def test_units_are_timed_after_their_own_gate(smoke_run):
     _, data, _ = smoke_run
     units = [b["extra_info"] for b in data["benchmarks"] if b["extra_info"]["op"] in ("layer", "model")]
     plans = {p["model"]["name"] + "/" for p in data["opbench"]["plans"]}
-    assert {(u["op"], u["dtype"]) for u in units} == {(op, d) for op in ("layer", "model") for d in ("fp32", "bf16")}
+    assert {(u["op"], u["dtype"]) for u in units} == {(op, d) for op in ("layer", "model")
+                                                       for d in ("fp32", "bf16", "fp16")}
     for info in units:
         assert info["correct"]["passed"] and info["median_s"] > 0 and info["timer"] == "cpu"
         assert any(info["plan"].startswith(p) for p in plans)

@@ -21,7 +21,6 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "embedding": ("opbench.ops.embedding", "EMBEDDING"),
     "cross_entropy": ("opbench.ops.embedding", "CROSS_ENTROPY"),
     "adamw": ("opbench.ops.optim", "ADAMW"),
-    "copy": ("opbench.ops.copy", "COPY"),
     "allreduce": ("opbench.ops.collective", "ALLREDUCE"),
     "allgather": ("opbench.ops.collective", "ALLGATHER"),
     "reducescatter": ("opbench.ops.collective", "REDUCESCATTER"),

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from opbench.dtypes import DType
 from opbench.ops.base import OpFamily, needs_compile_gpu, needs_triton_gpu
-from opbench.ops.copy import COPY_BANDWIDTH
 from opbench.ops.tokenwise import Grads, RowsShape, autograd_pass, compiled, reference
 
 GRADS = Grads(outputs=("dy",), wrt=("x",))
@@ -87,11 +86,11 @@ def gelu_inputs(shape: RowsShape, dtype: DType, pass_: str, device: str) -> dict
 
 
 SWIGLU = OpFamily(name="swiglu", shape_type=RowsShape, flops=swiglu_flops, bytes=gated_bytes, inputs=gated_inputs,
-                  reference=reference(swiglu_formula, GRADS), gbps_peak=COPY_BANDWIDTH)
+                  reference=reference(swiglu_formula, GRADS))
 GEGLU = OpFamily(name="geglu", shape_type=RowsShape, flops=geglu_flops, bytes=gated_bytes, inputs=gated_inputs,
-                 reference=reference(geglu_formula, GRADS), gbps_peak=COPY_BANDWIDTH)
+                 reference=reference(geglu_formula, GRADS))
 GELU = OpFamily(name="gelu", shape_type=RowsShape, flops=gelu_flops, bytes=gelu_bytes, inputs=gelu_inputs,
-                reference=reference(gelu_formula, GRADS), gbps_peak=COPY_BANDWIDTH)
+                reference=reference(gelu_formula, GRADS))
 
 
 def torch_swiglu(x):

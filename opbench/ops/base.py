@@ -43,10 +43,6 @@ class OpFamily:
     backends: dict[str, Backend] = field(default_factory=dict)
     # workload dtype -> the dtype the op runs in, for workload dtypes not in `dtypes`
     fallbacks: dict[str, str] = field(default_factory=lambda: {"fp8": "bf16", "tf32": "fp32"})
-    # Measured peaks, by name (the JSON's opbench.peaks): the one this op's GB/s is (the copy case), and
-    # the one its GB/s is compared with (memory-bound ops; extra_info["peak_share"]).
-    sets_peak: str | None = None
-    gbps_peak: str | None = None
 
     def backend(self, name: str, *, impl: str, requires: Requires | None = None):
         """Decorator: register `prepare` as backend `name`."""

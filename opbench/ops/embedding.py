@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from opbench.dtypes import DType
 from opbench.ops.base import OpFamily, needs_compile_gpu, needs_triton_gpu
-from opbench.ops.copy import COPY_BANDWIDTH
 from opbench.ops.tokenwise import Grads, VocabShape, autograd_pass, compiled, reference
 
 INDEX_BYTES = 8  # int64 ids and targets
@@ -55,8 +54,7 @@ def embedding_formula(ids, weight):
 
 
 EMBEDDING = OpFamily(name="embedding", shape_type=VocabShape, flops=embedding_flops, bytes=embedding_bytes,
-                     inputs=embedding_inputs, reference=reference(embedding_formula, EMBEDDING_GRADS),
-                     gbps_peak=COPY_BANDWIDTH)
+                     inputs=embedding_inputs, reference=reference(embedding_formula, EMBEDDING_GRADS))
 
 
 def torch_embedding(ids, weight):
@@ -104,7 +102,7 @@ def cross_entropy_formula(logits, targets):
 
 CROSS_ENTROPY = OpFamily(name="cross_entropy", shape_type=VocabShape, flops=cross_entropy_flops,
                          bytes=cross_entropy_bytes, inputs=cross_entropy_inputs,
-                         reference=reference(cross_entropy_formula, LOSS_GRADS), gbps_peak=COPY_BANDWIDTH)
+                         reference=reference(cross_entropy_formula, LOSS_GRADS))
 
 
 def torch_cross_entropy(logits, targets):

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from opbench.dtypes import DType
 from opbench.ops.base import OpFamily, high_precision, needs_compile_gpu, needs_flash_attn, needs_triton_gpu
-from opbench.ops.copy import COPY_BANDWIDTH
 from opbench.ops.tokenwise import Grads, RowsShape, autograd_pass, compiled, reference
 
 EPS = 1e-6
@@ -140,16 +139,14 @@ def add_reference(inp: dict, dtype: DType, pass_: str) -> torch.Tensor:
 
 
 RMSNORM = OpFamily(name="rmsnorm", shape_type=RowsShape, flops=rms_norm_flops, bytes=rms_norm_bytes,
-                   inputs=rms_norm_inputs, reference=reference(rms_norm_formula, RMS_GRADS),
-                   gbps_peak=COPY_BANDWIDTH)
+                   inputs=rms_norm_inputs, reference=reference(rms_norm_formula, RMS_GRADS))
 LAYERNORM = OpFamily(name="layernorm", shape_type=RowsShape, flops=layer_norm_flops, bytes=layer_norm_bytes,
-                     inputs=layer_norm_inputs, reference=reference(layer_norm_formula, LN_GRADS),
-                     gbps_peak=COPY_BANDWIDTH)
+                     inputs=layer_norm_inputs, reference=reference(layer_norm_formula, LN_GRADS))
 ADD = OpFamily(name="add", shape_type=RowsShape, flops=add_flops, bytes=add_bytes, inputs=add_inputs,
-               reference=add_reference, gbps_peak=COPY_BANDWIDTH)
+               reference=add_reference)
 ADD_RMSNORM = OpFamily(name="add_rmsnorm", shape_type=RowsShape, flops=add_rms_norm_flops,
                        bytes=add_rms_norm_bytes, inputs=add_rms_norm_inputs,
-                       reference=reference(add_rms_norm_formula, ADD_RMS_GRADS), gbps_peak=COPY_BANDWIDTH)
+                       reference=reference(add_rms_norm_formula, ADD_RMS_GRADS))
 
 
 # torch and torch.compile ----------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import torch
 
 from opbench.dtypes import DType
 from opbench.ops.base import OpFamily, high_precision
-from opbench.ops.copy import COPY_BANDWIDTH
 from opbench.ops.tokenwise import ParamsShape
 
 TENSORS = 8
@@ -61,8 +60,7 @@ def reference(inp: dict, dtype: DType, pass_: str) -> tuple[torch.Tensor, ...]:
 
 ADAMW = OpFamily(name="adamw", shape_type=ParamsShape, flops=flops, bytes=bytes_moved, inputs=inputs,
                  reference=reference, dtypes=("fp32",),
-                 fallbacks={"bf16": "fp32", "fp16": "fp32", "tf32": "fp32", "fp8": "fp32"},
-                 gbps_peak=COPY_BANDWIDTH)
+                 fallbacks={"bf16": "fp32", "fp16": "fp32", "tf32": "fp32", "fp8": "fp32"})
 
 
 def _adamw_step(inp: dict, fused: bool):

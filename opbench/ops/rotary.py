@@ -13,7 +13,6 @@ import torch
 
 from opbench.dtypes import DType
 from opbench.ops.base import OpFamily, needs_compile_gpu, needs_flash_attn, needs_triton_gpu
-from opbench.ops.copy import COPY_BANDWIDTH
 from opbench.ops.tokenwise import Grads, RotaryShape, autograd_pass, compiled, reference
 
 BASE = 10000.0
@@ -80,7 +79,7 @@ def rotary_formula(q, k, cos, sin, positions, interleaved):
 
 
 ROTARY = OpFamily(name="rotary", shape_type=RotaryShape, flops=flops, bytes=bytes_moved, inputs=inputs,
-                  reference=reference(rotary_formula, GRADS), shape_id=shape_id, gbps_peak=COPY_BANDWIDTH)
+                  reference=reference(rotary_formula, GRADS), shape_id=shape_id)
 
 
 def torch_rotary(q, k, cos, sin, positions, interleaved):

@@ -1,0 +1,140 @@
+"""The report's charts, drawn with matplotlib (the optional `report` extra) as inline SVG strings."""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+
+from opbench.breakdown import GROUPS, OTHER, Breakdown
+from opbench.roofline import Ceilings
+from opbench.summary import format_seconds
+
+# Colour-blind-safe sets, one for op families (Okabe-Ito, by name) and another for modules (Paul Tol's
+# bright, in GROUPS order), so that a colour never means both an op and a module on one page.
+OP_PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
+MODULE_PALETTE = ("#4477AA", "#EE6677", "#228833", "#CCBB44", "#66CCEE", "#AA3377", "#994F00", "#555555", "#BBBBBB")
+DTYPE_MARKERS = {"bf16": "o", "fp16": "s", "fp32": "^", "tf32": "D", "fp8": "v"}
+MAX_BARS = 60  # a breakdown chart taller than this many workloads is no longer read
+
+
+class ReportError(RuntimeError):
+    """The report cannot be drawn here (its optional dependency is missing)."""
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ReportError("the report's charts need matplotlib: pip install 'opbench[report]' "
+                          "(or pip install matplotlib)") from None
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+    return plt
+
+
+@dataclass(frozen=True)
+class Point:
+    """One case on the roofline."""
+    op: str
+    dtype: str
+    intensity: float  # FLOP per byte
+    tflops: float
+
+
+def _svg(fig, name: str) -> str:
+    """The figure as an <svg> element whose ids (and the references to them) carry the chart's name:
+    matplotlib numbers ids per figure, and two charts on one page must not share one."""
+    plt = _pyplot()
+    buf = io.StringIO()
+    with plt.rc_context({"svg.fonttype": "none"}):  # text stays text: smaller, sharp, searchable
+        fig.savefig(buf, format="svg", bbox_inches="tight")
+    plt.close(fig)
+    text = buf.getvalue()
+    text = text[text.index("<svg"):]
+    text = re.sub(r'\bid="', f'id="{name}-', text)
+    return text.replace("url(#", f"url(#{name}-").replace('href="#', f'href="#{name}-')
+
+
+def op_colours(ops: list[str]) -> dict[str, str]:
+    return {op: OP_PALETTE[i % len(OP_PALETTE)] for i, op in enumerate(sorted(set(ops)))}
+
+
+def roofline_svg(points: list[Point], ceil: Ceilings | None) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    xs = [p.intensity for p in points]
+    peak = max(ceil.matmul_tflops.values(), default=0) if ceil else 0
+    # TFLOP/s on GPUs; GFLOP/s where every rate is below one TFLOP/s (CPUs), so tick labels stay readable
+    scale, unit = (1.0, "TFLOP/s") if max([p.tflops for p in points] + [peak]) >= 1 else (1e3, "GFLOP/s")
+    colours = op_colours([p.op for p in points])
+    for op, colour in colours.items():
+        for dtype in sorted({p.dtype for p in points if p.op == op}):
+            mine = [p for p in points if p.op == op and p.dtype == dtype]
+            ax.scatter([p.intensity for p in mine], [p.tflops * scale for p in mine], c=colour,
+                       marker=DTYPE_MARKERS.get(dtype, "o"), s=36, edgecolors="white", linewidths=0.5,
+                       label=f"{op} {dtype}", gid=f"points-{op}-{dtype}", zorder=3)
+    lo, hi = min(xs + [1.0]) / 2, max(xs + [1e3]) * 2
+    memory_gbps = ceil.memory_gbps if ceil else None
+    if memory_gbps:
+        bw = memory_gbps * 1e9 / 1e12 * scale  # rate per FLOP/byte of intensity
+        ridge = min(max(peak / memory_gbps * 1e3 if peak else hi, lo), hi)
+        ax.plot([lo, ridge], [lo * bw, ridge * bw], color="#444", lw=1.5, gid="ceiling-memory")
+        middle = (lo * ridge) ** 0.5  # halfway along the slope on a log axis, left of it
+        ax.annotate(f"memory copy {memory_gbps:.4g} GB/s", (middle, middle * bw * 1.4), fontsize=8, color="#444",
+                    ha="right", va="bottom")
+    roofs: dict[float, list[str]] = {}  # dtypes with the same ceiling (bf16, fp16) share one roof
+    for dtype, tflops in (ceil.matmul_tflops.items() if ceil else ()):
+        roofs.setdefault(tflops, []).append(dtype)
+    for tflops, dtypes in sorted(roofs.items()):
+        start = tflops / memory_gbps * 1e3 if memory_gbps else lo  # each roof begins at its ridge point
+        ax.plot([start, hi], [tflops * scale] * 2, color="#444", lw=1, ls="--", gid=f"ceiling-{'-'.join(dtypes)}")
+        ax.annotate(f"{'/'.join(dtypes)} {tflops * scale:.4g}", (hi, tflops * scale), fontsize=8, color="#444",
+                    ha="right", va="bottom")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_xlabel("arithmetic intensity (FLOP / byte)")
+    ax.set_ylabel(f"achieved {unit}")
+    ax.set_title(f"Roofline: ceilings {ceil.source}" if ceil else
+                 "Roofline: no ceilings (no peak cases in the run, no datasheet for its device)", fontsize=10)
+    ax.grid(True, which="major", color="#ddd", lw=0.5)
+    if points:
+        ax.legend(fontsize=8, loc="upper left", frameon=False)
+    return _svg(fig, "roofline")
+
+
+def module_colours() -> dict[str, str]:
+    return {g: MODULE_PALETTE[i % len(MODULE_PALETTE)] for i, g in enumerate([*GROUPS, OTHER])}
+
+
+def breakdown_svg(rows: list[Breakdown]) -> str:
+    """100% stacked bars, one per workload, the step time printed beside each: prefill and decode
+    differ by orders of magnitude, so shares are drawn and absolute times written."""
+    plt = _pyplot()
+    from matplotlib.ticker import PercentFormatter  # matplotlib is imported lazily: an optional extra
+    measured = [b for b in rows if b.total_s > 0]
+    rows = measured[:MAX_BARS]
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.38 * max(len(rows), 1)))
+    colours = module_colours()
+    labels = [b.plan for b in rows]
+    left = [0.0] * len(rows)
+    for module, colour in colours.items():
+        shares = [b.modules_s.get(module, 0.0) / b.total_s for b in rows]
+        if any(shares):
+            bars = ax.barh(labels, shares, left=left, color=colour, label=module, height=0.7)
+            for y, bar in enumerate(bars):  # ids are unique on the page: module and row
+                bar.set_gid(f"module-{re.sub(r'[^a-z]+', '-', module.lower())}-{y}")
+            left = [a + s for a, s in zip(left, shares)]
+    for y, b in enumerate(rows):
+        note = f" ({b.unmeasured_calls} of {b.calls} calls unmeasured)" if b.unmeasured_calls else ""
+        ax.text(1.01, y, format_seconds(b.total_s) + note, va="center", fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.invert_yaxis()
+    ax.set_xlabel("share of the measured time per model step")
+    ax.tick_params(axis="y", labelsize=8)
+    if len(measured) > MAX_BARS:
+        ax.set_title(f"the first {MAX_BARS} of {len(measured)} workloads; the table lists all", fontsize=9, pad=28)
+    ax.legend(fontsize=8, ncols=4, loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False)
+    return _svg(fig, "breakdown")
