@@ -6,12 +6,13 @@ import io
 import re
 from dataclasses import dataclass
 
-from opbench.breakdown import GROUPS, OTHER, Breakdown
+from opbench.breakdown import Breakdown
+from opbench.compose import MODULE_ORDER
 from opbench.roofline import Ceilings
 from opbench.summary import format_seconds
 
 # Colour-blind-safe sets, one for op families (Okabe-Ito, by name) and another for modules (Paul Tol's
-# bright, in GROUPS order), so that a colour never means both an op and a module on one page.
+# bright, in MODULE_ORDER), so that a colour never means both an op and a module on one page.
 OP_PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
 MODULE_PALETTE = ("#4477AA", "#EE6677", "#228833", "#CCBB44", "#66CCEE", "#AA3377", "#994F00", "#555555", "#BBBBBB")
 DTYPE_MARKERS = {"bf16": "o", "fp16": "s", "fp32": "^", "tf32": "D", "fp8": "v"}
@@ -105,7 +106,7 @@ def roofline_svg(points: list[Point], ceil: Ceilings | None) -> str:
 
 
 def module_colours() -> dict[str, str]:
-    return {g: MODULE_PALETTE[i % len(MODULE_PALETTE)] for i, g in enumerate([*GROUPS, OTHER])}
+    return {g: MODULE_PALETTE[i % len(MODULE_PALETTE)] for i, g in enumerate(MODULE_ORDER)}
 
 
 def breakdown_svg(rows: list[Breakdown]) -> str:
@@ -127,7 +128,7 @@ def breakdown_svg(rows: list[Breakdown]) -> str:
                 bar.set_gid(f"module-{re.sub(r'[^a-z]+', '-', module.lower())}-{y}")
             left = [a + s for a, s in zip(left, shares)]
     for y, b in enumerate(rows):
-        note = f" ({b.unmeasured_calls} of {b.calls} calls unmeasured)" if b.unmeasured_calls else ""
+        note = f" ({b.not_measured} calls interpolated or modeled)" if b.not_measured else ""
         ax.text(1.01, y, format_seconds(b.total_s) + note, va="center", fontsize=8)
     ax.set_xlim(0, 1)
     ax.xaxis.set_major_formatter(PercentFormatter(1.0))

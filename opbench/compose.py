@@ -28,6 +28,7 @@ from opbench.workload import Plan
 SOURCES = ("measured", "interpolated", "modeled")
 
 # Module of a call, by the first part of its role (LoRA adapters count with the layer they adapt).
+MODULE_ORDER = ("attention", "mlp", "norms+residuals", "communication", "embedding+head", "optimizer", "other")
 MODULES = {"attn": "attention", "mlp": "mlp", "moe": "mlp", "norm": "norms+residuals",
            "residual": "norms+residuals", "tp": "communication", "dp": "communication", "embed": "embedding+head",
            "lm_head": "embedding+head", "loss": "embedding+head", "optim": "optimizer"}

@@ -93,17 +93,18 @@ def _roofline_html(run: Run, ceil: Ceilings | None) -> str:
 
 def _breakdown_html(rows: list[Breakdown]) -> str:
     if not rows:
-        return "<p class=note>The run holds no plans.</p>"
+        return "<p class=note>The run holds no composed plans (see the run's opbench.missing).</p>"
     colours = module_colours()
     modules = [m for m in colours if any(m in b.modules_s for b in rows)]
-    header = ("workload", "step time", *modules, "unmeasured calls")
+    header = ("workload", "step time", *modules, "calls")
     table_rows = [(b.plan, format_seconds(b.total_s) if b.total_s else "-",
                    *(format_seconds(b.modules_s[m]) if m in b.modules_s else "-" for m in modules),
-                   f"{b.unmeasured_calls} of {b.calls}") for b in rows]
-    chart = breakdown_svg(rows) if any(b.total_s for b in rows) else "<p class=note>No plan call was measured.</p>"
+                   ", ".join(f"{n} {source}" for source, n in b.sources.items() if n)) for b in rows]
+    chart = breakdown_svg(rows) if any(b.total_s for b in rows) else "<p class=note>No plan was composed.</p>"
     return (f"<figure>{chart}</figure>"
-            "<p class=note>Per model step: count x median of the fastest backend, x layers for per-layer calls; "
-            "calls without a measurement in the run are counted, not estimated.</p>" + _table(header, table_rows))
+            "<p class=note>Per model step, as composed from the run (opbench/compose.py): each call's time measured, "
+            "interpolated along a measured sweep, or modeled, times its count, times the layers for per-layer "
+            "calls.</p>" + _table(header, table_rows))
 
 
 def _rate(m: Measurement) -> str:

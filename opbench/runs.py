@@ -17,6 +17,9 @@ EXPECTED = ("expected a pytest-benchmark JSON of opbench's bench/ suite "
             "(pytest bench/ --benchmark-json=FILE, or a run saved with --benchmark-save)")
 
 
+UNITS = ("layer", "model")
+
+
 class RunError(ValueError):
     """A path that is not a readable opbench run."""
 
@@ -84,6 +87,8 @@ def _measurement(bench: dict) -> Measurement | None:
     info, stats = bench.get("extra_info") or {}, bench.get("stats") or {}
     if "op" not in info:
         return None  # not an opbench case (a plain pytest-benchmark test in the same session)
+    if info["op"] in UNITS:
+        return None  # a layer or model timed whole: a check of composition (opbench.validation), not a case
     missing = [k for k in _IDENTITY if k not in info] + [f"stats.{k}" for k in _STATS if k not in stats]
     if missing:
         raise ValueError(f"its benchmark {bench.get('name', '?')!r} lacks {', '.join(missing)}")

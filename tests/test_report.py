@@ -11,7 +11,8 @@ from collections import Counter
 
 import pytest
 
-from opbench.breakdown import breakdowns, group_of
+from opbench.breakdown import breakdowns
+from opbench.compose import CallTime
 from opbench.charts import module_colours, op_colours
 from opbench.cli import main
 from opbench.runs import load_run
@@ -24,9 +25,9 @@ SVG = "{http://www.w3.org/2000/svg}"
 
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
-    """GEMMs of one small prefill plan in fp32 and the peak cases, timed on this CPU."""
+    """Every op of one small prefill plan in fp32 and the peak cases, timed on this CPU."""
     out = tmp_path_factory.mktemp("run") / "run.json"
-    proc = run_pytest("bench/test_gemm.py", "bench/test_peaks.py", "--workload", "prefill:b=1,s=64",
+    proc = run_pytest("bench/", "--model", "tiny", "--workload", "prefill:b=1,s=64",
                       "--dtype", "fp32", f"--benchmark-json={out}", "-q", "-rs")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "host-device copies need a CUDA GPU" in proc.stdout  # skipped peaks say why
@@ -73,16 +74,17 @@ def test_the_report_is_one_self_contained_page_with_well_formed_charts(report, c
     assert not [i for i, n in Counter(ids).items() if n > 1]  # two charts never share an id
     roofline, breakdown = _svgs(page)  # both parse as XML
     run = load_run(cpu_run)
-    gemms = [m for m in run.measurements if m.op == "gemm"]
+    computing = [m for m in run.measurements if m.info.get("flops") and not m.op.startswith("peak.")]
     points = sum(len(list(g.iter(f"{SVG}use"))) for g in _by_id(roofline, "roofline-points-"))
-    assert points == len(gemms) > 0  # every case with FLOPs is a point
+    assert points == len(computing) > 0  # every case with FLOPs is a point
     assert {e.get("id") for e in _by_id(roofline, "roofline-ceiling-")} == {
         "roofline-ceiling-memory", "roofline-ceiling-fp32", "roofline-ceiling-bf16"}
     texts = " ".join(t.text or "" for t in roofline.iter(f"{SVG}text"))
     assert "ceilings measured on CPU" in texts and "GFLOP/s" in texts
-    # the prefill plan's GEMMs serve attention, MLP and the LM head: one bar segment each
+    # the prefill plan's modules: one bar segment each
     assert {re.sub(r"-\d+$", "", e.get("id")) for e in _by_id(breakdown, "breakdown-module-")} == {
-        "breakdown-module-attention", "breakdown-module-mlp", "breakdown-module-embedding-lm-head-loss"}
+        "breakdown-module-attention", "breakdown-module-mlp", "breakdown-module-norms-residuals",
+        "breakdown-module-embedding-head"}
 
 
 def test_the_report_holds_every_section(report, cpu_run):
@@ -94,41 +96,25 @@ def test_the_report_holds_every_section(report, cpu_run):
     assert "host-device" not in page and "per-op overhead (torch dispatch on CPU)" in page
 
 
-def test_breakdown_composes_count_layers_and_the_fastest_backend(tmp_path):
-    plan = {"model": {"name": "m", "layers": 10},
-            "workload": {"phase": "prefill", "batch": 1, "seq_len": 8, "tp": 1, "dtype": "bf16", "lora_rank": 16},
-            "calls": [{"role": "attn.qkv", "op": "gemm", "shape": {"m": 8, "n": 24, "k": 8}, "pass": "fwd",
-                       "count": 1, "scope": "layer"},
-                      {"role": "mlp.down", "op": "gemm", "shape": {"m": 8, "n": 8, "k": 32}, "pass": "fwd",
-                       "count": 2, "scope": "layer"},
-                      {"role": "lm_head", "op": "gemm", "shape": {"m": 1, "n": 100, "k": 8}, "pass": "fwd",
-                       "count": 1, "scope": "model"},
-                      {"role": "norm.input", "op": "rmsnorm", "shape": {"tokens": 8, "width": 8}, "pass": "fwd",
-                       "count": 1, "scope": "layer"}]}
-    path = write_run(tmp_path / "run.json",
-                     [bench(8, 24, 8, 3e-6), bench(8, 24, 8, 2e-6, backend="triton"), bench(8, 8, 32, 5e-6),
-                      bench(1, 100, 8, 7e-6), bench(1, 100, 8, 1e-6, dtype="fp16")],
-                     section={"device": "cuda", "plans": [plan]})
-    (b,) = breakdowns(load_run(path))
-    assert b.plan == "m/prefill:b=1,s=8,tp=1/bf16"
-    assert b.modules_s == {"attention": pytest.approx(10 * 2e-6), "MLP": pytest.approx(10 * 2 * 5e-6),
-                           "embedding / LM head / loss": pytest.approx(7e-6)}
-    assert (b.calls, b.unmeasured_calls) == (4, 1)  # the norm was not measured: counted, not guessed
+def test_breakdowns_are_read_from_the_runs_composition(tmp_path):
     composed = write_run(tmp_path / "composed.json", [bench(8, 24, 8, 3e-6)], section={
-        "device": "cuda", "plans": [plan],
-        "breakdowns": [{"plan": "m/decode", "modules": {"attention": 1e-3, "MLP": {"time_s": 2e-3}}}]})
+        "device": "cuda", "plans": [],
+        "breakdowns": [{"plan": "m/decode", "sources": {"measured": 3, "interpolated": 1, "modeled": 1},
+                        "modules": {"mlp": {"time_s": 2e-3}, "attention": {"time_s": 1e-3}}}]})
     (b,) = breakdowns(load_run(composed))
-    assert b.plan == "m/decode" and b.modules_s == {"attention": 1e-3, "MLP": 2e-3}
+    assert b.plan == "m/decode" and b.total_s == pytest.approx(3e-3) and b.not_measured == 2
+    assert list(b.modules_s) == ["attention", "mlp"]  # stacked in the modules' fixed order
+    assert breakdowns(load_run(write_run(tmp_path / "none.json", [bench(8, 24, 8, 3e-6)]))) == []
 
 
 @pytest.mark.parametrize("role, module", [
-    ("attn.qkv", "attention"), ("mlp.gate_up", "MLP"), ("moe.router", "MLP"), ("norm.final", "norms"),
-    ("residual.mlp", "residual"), ("tp.allreduce.attn", "communication"), ("embed", "embedding / LM head / loss"),
-    ("lm_head", "embedding / LM head / loss"), ("loss", "embedding / LM head / loss"),
-    ("lora.attn.qkv.a", "LoRA adapters"), ("optim.adamw", "optimizer"), ("kv_cache.append", "other"),
+    ("attn.qkv", "attention"), ("mlp.gate_up", "mlp"), ("moe.router", "mlp"), ("norm.final", "norms+residuals"),
+    ("residual.mlp", "norms+residuals"), ("tp.allreduce.attn", "communication"), ("embed", "embedding+head"),
+    ("lm_head", "embedding+head"), ("loss", "embedding+head"), ("lora.attn.qkv.a", "attention"),
+    ("lora.mlp.down.b", "mlp"), ("optim.adamw", "optimizer"), ("kv_cache.append", "other"),
 ])
 def test_roles_group_by_prefix(role, module):
-    assert group_of(role) == module
+    assert CallTime(role, "gemm", "fwd", 1, "layer", 1e-6, "measured", "torch").module == module
 
 
 def test_without_matplotlib_the_report_says_how_to_get_it(tmp_path, monkeypatch, capsys):
@@ -147,7 +133,7 @@ def _browser() -> str | None:
 
 
 @pytest.mark.skipif(_browser() is None, reason="no headless Chromium or Chrome installed")
-def test_the_page_renders_its_charts_in_a_headless_browser(report, tmp_path):
+def test_the_page_renders_its_charts_in_a_headless_browser(report, cpu_run, tmp_path):
     page, _ = report
     flags = [_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -164,8 +150,9 @@ def test_the_page_renders_its_charts_in_a_headless_browser(report, tmp_path):
         rgb = tuple(int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
         return sum(n for n, colour in pixels if all(abs(a - b) <= 8 for a, b in zip(colour, rgb)))
 
-    # Only the roofline's points wear the GEMM's colour; the breakdown's one bar spans the full width
+    # Only the roofline's GEMM points wear the GEMM's colour; the breakdown's one bar spans the full width
     # whatever the measured shares, in the colours of its modules.
-    bar_colours = {module_colours()[m] for m in ("attention", "MLP", "embedding / LM head / loss")}
-    assert painted(op_colours(["gemm"])["gemm"]) > 100
+    bar_colours = {module_colours()[m] for m in ("attention", "mlp", "norms+residuals", "embedding+head")}
+    ops = sorted({m.op for m in load_run(cpu_run).measurements if m.info.get("flops") and not m.op.startswith("peak.")})
+    assert painted(op_colours(ops)["gemm"]) > 100
     assert sum(map(painted, bar_colours)) > 10_000
