@@ -7,8 +7,9 @@ import json
 import sys
 from dataclasses import asdict
 
-from opbench import compare, peaks, report
+from opbench import compare, peaks, report, results
 from opbench.charts import ReportError
+from opbench.compose import MissingMeasurement
 from opbench.models import ZOO, ConfigError, get_model
 from opbench.runs import RunError
 from opbench.selection import PROFILES
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", help="workload dtype: bf16, fp16, fp32, tf32, fp8 (default bf16)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_plan)
-    for command in (compare, report, peaks):
+    for command in (compare, report, peaks, results):
         command.add_command(sub)
     return parser
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0  # compare: 1 on a regression
-    except (ConfigError, PlanError, RunError, ReportError) as error:
+    except (ConfigError, PlanError, RunError, ReportError, MissingMeasurement) as error:
         parser.exit(2, f"opbench: error: {error}\n")
 
 

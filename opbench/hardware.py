@@ -119,6 +119,11 @@ def _torch_gpu_uuid() -> str | None:
     return f"GPU-{uuid}" if uuid and not uuid.startswith("GPU-") else uuid
 
 
+def torch_gpu_name() -> str | None:
+    """The name of the GPU torch runs on, as the datasheet table knows it, or None without one."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
 def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)

@@ -17,8 +17,9 @@ from opbench import __version__
 from opbench.cases import Case, build_cases
 from opbench.distributed import QuietRank, is_reporting_rank
 from opbench.harness import run_case
-from opbench.hardware import energy_unavailable, gpu_info, software_versions, stable_facts
+from opbench.hardware import energy_unavailable, gpu_info, software_versions, stable_facts, torch_gpu_name
 from opbench.ops import FAMILIES, get_family
+from opbench.peaks import datasheet_for
 from opbench.roofline import add_roofline
 from opbench.selection import PROFILES, Selection, SelectionError, select
 from opbench.results import compose_session
@@ -39,7 +40,9 @@ class _State:
         """The run composed: computed once, when the JSON or the summary first asks."""
         if self._composition is None:
             infos = [info for _, info in self.timed] + [info for _, info in self.units]
-            self._composition = compose_session(self.selection.plans, infos)
+            sheet = datasheet_for(torch_gpu_name()) if self.settings.device == "cuda" else None
+            self._composition = compose_session(self.selection.plans, infos,
+                                                peak_tflops=dict(sheet.matmul_tflops) if sheet else None)
         return self._composition
 
 

@@ -6,11 +6,13 @@ import sys
 
 import pytest
 
+from opbench.cli import main
 from opbench.models import ZOO
 from opbench.selection import PROFILES
-from opbench.workload import parse_workload, plan
+from opbench.workload import Workload, parse_workload, plan
 
 from helpers import ROOT, run_pytest
+from synthetic_runs import bench, write_run
 
 REQUIRED = {"op", "backend", "dtype", "pass", "shape", "roles", "flops", "bytes", "tflops", "gbps", "timer",
             "unroll", "correct"}
@@ -102,3 +104,60 @@ def test_a_wrong_backend_fails_its_cases_and_the_rest_still_run(tmp_path):
     assert "wrong result: relative error" in proc.stdout
     backends = {b["extra_info"]["backend"] for b in json.loads(out.read_text())["benchmarks"]}
     assert backends == {"torch"}  # failed cases keep no time; the others are all there
+
+
+def test_the_json_composes_every_plan_and_checks_the_units(smoke_run):
+    _, data, stdout = smoke_run
+    section = data["opbench"]
+    assert not section["missing"]
+    assert {b["plan"] for b in section["breakdowns"]} == {
+        f"{p['model']['name']}/{Workload(**p['workload']).label}/{p['workload']['dtype']}" for p in section["plans"]}
+    for b in section["breakdowns"]:
+        assert b["sources"]["measured"] == len(b["calls"])  # the smoke run measured every call it plans
+    units = {(v["plan"], v["unit"]) for v in section["validation"]}
+    assert ("tiny/train:b=2,s=96,tp=1/fp32", "layer") in units and ("tiny/decode:b=4,s=200,tp=1/bf16", "model") in units
+    for v in section["validation"]:
+        assert v["error_pct"] == pytest.approx(100 * (v["composed_s"] - v["measured_s"]) / v["measured_s"])
+    assert "opbench estimates" in stdout and "composed vs measured" in stdout
+
+
+def test_estimate_a_workload_that_was_not_measured_for_a_config_json(smoke_run, tmp_path, capsys):
+    out, _, _ = smoke_run
+    config = tmp_path / "my-model" / "config.json"  # the tiny model's dimensions under another name
+    config.parent.mkdir()
+    config.write_text(json.dumps({"model_type": "llama", "hidden_size": 192, "num_hidden_layers": 3,
+                                  "num_attention_heads": 6, "num_key_value_heads": 2, "intermediate_size": 520,
+                                  "vocab_size": 1000, "max_position_embeddings": 512}))
+    assert main(["estimate", str(out), "--model", str(config), "--phase", "decode", "--batch", "8",
+                 "--context", "150", "--dtype", "fp32"]) == 0
+    text = capsys.readouterr().out
+    assert "my-model/decode:b=8,s=150,tp=1/fp32: per output token" in text
+    assert "interpolated: attn.qkv gemm fwd" in text  # 8 tokens lie between the measured 4 and 192
+    assert main(["estimate", str(out), "--model", str(config), "--phase", "train", "--batch", "2", "--context", "96",
+                 "--dtype", "fp32", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["breakdown"]["sources"] == {"measured": len(data["breakdown"]["calls"]), "interpolated": 0,
+                                            "modeled": 0}
+    assert data["estimate"]["time_s"] == pytest.approx(data["breakdown"]["total_s"])
+
+
+def test_idealized_runtime_file(smoke_run, tmp_path):
+    out, _, _ = smoke_run
+    helm = tmp_path / "helm.json"
+    assert main(["idealized", str(out), "--model", "tiny", "--dtype", "bf16", "--decode-context", "200",
+                 "-o", str(helm)]) == 0
+    data = json.loads(helm.read_text())
+    assert set(data) == {"runtime_per_output_token", "runtime_for_prompt_tokens"}
+    assert list(data["runtime_for_prompt_tokens"]) == ["1", "16", "32", "64", "128", "256", "512"]
+    prompts = list(data["runtime_for_prompt_tokens"].values())
+    assert all(t > 0 for t in prompts) and data["runtime_per_output_token"] > 0
+
+
+def test_an_estimate_from_a_run_without_an_op_names_it_and_how_to_measure_it(tmp_path, capsys):
+    run = write_run(tmp_path / "gemm-only.json", [bench(64, 64, 64, 1e-5, dtype="fp32")])
+    with pytest.raises(SystemExit) as stop:
+        main(["estimate", str(run), "--model", "tiny", "--phase", "prefill", "--context", "64", "--dtype", "fp32"])
+    assert stop.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "no measurement of op 'embedding' (role embed)" in line
+    assert "measure it with: pytest bench/ --model tiny --workload prefill:b=1,s=64,tp=1 --dtype fp32 -k embedding" in line
