@@ -13,6 +13,7 @@ from opbench.compose import MissingMeasurement
 from opbench.models import ZOO, ConfigError, get_model
 from opbench.runs import RunError
 from opbench.selection import PROFILES
+from opbench.summary import table_lines
 from opbench.workload import PlanError, parse_workload, plan
 
 
@@ -27,7 +28,7 @@ def _models(args) -> None:
             extra.append(f"{m.experts} experts, top-{m.experts_per_token}")
         rows.append((m.name, m.hidden, m.layers, m.heads, m.kv_heads, m.head_dim, m.ffn_hidden, m.vocab,
                      m.max_seq_len, ", ".join(extra)))
-    _print_table(rows)
+    print("\n".join(table_lines(rows)))
 
 
 def _plan(args) -> None:
@@ -41,14 +42,7 @@ def _plan(args) -> None:
     for c in p.calls:
         shape = " ".join(f"{k}={v}" for k, v in asdict(c.shape).items())
         rows.append((c.role, c.op, c.pass_, c.count, c.scope, shape))
-    _print_table(rows)
-
-
-def _print_table(rows) -> None:
-    cells = [[str(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
-    for row in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    print("\n".join(table_lines(rows)))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ from opbench.ops.base import shape_dict
 from opbench.ops.collective import (COLLECTIVES, CollectiveShape, algbw_gbps, busbw_factor, message_bytes,
                                     shape_id)
 from opbench.selection import Selection
-from opbench.summary import format_seconds
+from opbench.summary import format_seconds, roles_cell, table_lines
 from opbench.timing import (Check, CudaEventClock, RunSettings, calls_for, check, cpu_call_time, cuda_call_time,
                             rounds_for)
 from opbench.workload import Plan
@@ -180,10 +180,9 @@ def summary_lines(timed: list[dict], fits: list[Fit], world: str) -> list[str]:
         rows.append((info["op"], shape_id(CollectiveShape(**info["shape"])), info["dtype"],
                      format_seconds(info["median_s"]), f"{info['algbw_gbps']:.4g}", f"{info['busbw_gbps']:.4g}",
                      f"{spread:.1%}" if spread is not None else "-",
-                     (roles[0] + (f" (+{len(roles) - 1})" if len(roles) > 1 else "")) if roles else "sweep"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [f"{world}; medians per call of the slowest rank, bandwidths as nccl-tests defines them"]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+                     roles_cell(roles, none="sweep")))
+    lines = [f"{world}; medians per call of the slowest rank, bandwidths as nccl-tests defines them",
+             *table_lines(rows)]
     lines.append("alpha-beta fits, t = alpha + busbw_factor x size / busbw:")
     for f in fits:
         busbw = f"busbw {f.busbw_gbps:.4g} GB/s" if f.busbw_gbps else "no bandwidth term"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from opbench.roofline import Ceilings, bound, run_ceilings
 from opbench.runs import Measurement, Run, environment_diff, load_run, resolve_run
-from opbench.summary import format_seconds
+from opbench.summary import format_seconds, table_lines
 
 DEFAULT_THRESHOLD_PCT = 5.0
 
@@ -81,11 +81,6 @@ def compare_runs(base: Run, new: Run, threshold: float = DEFAULT_THRESHOLD_PCT /
                       tuple(b[k] for k in b if k not in a), environment_diff(base.machine_info, new.machine_info))
 
 
-def _table(rows: list[tuple]) -> list[str]:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    return ["  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-
-
 def share_pct(share: float) -> str:
     return f"{share:.0%}" if share >= 0.01 else "<1%"
 
@@ -120,7 +115,8 @@ def format_comparison(c: Comparison, show_all: bool = False) -> list[str]:
              f"vs new {c.new.path} ({c.new.datetime or 'no date'})"]
     if c.environment:
         lines.append("environment differences:")
-        lines += _table([("fact", "base", "new")] + [(k, a or "-", b or "-") for k, a, b in c.environment])
+        lines += table_lines([("fact", "base", "new")] + [(k, a or "-", b or "-") for k, a, b in c.environment],
+                             indent="  ")
     else:
         lines.append("environment: no difference in driver, CUDA, software, GPU, clocks or host")
     lines.append(f"rule: a regression is a median more than {c.threshold:.0%} slower whose interquartile range "
@@ -133,7 +129,7 @@ def format_comparison(c: Comparison, show_all: bool = False) -> list[str]:
         changes = c.of(kind)
         if changes and (show_all or kind not in ("noise", "same")):
             lines.append(f"{title} ({len(changes)}):")
-            lines += _table(change_rows(c, changes))
+            lines += table_lines(change_rows(c, changes), indent="  ")
     for title, cases in (("only in base", c.only_base), ("only in new", c.only_new)):
         if cases:
             lines.append(f"{title} ({len(cases)}):")

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 
 from opbench.runs import RunError, device_label, load_run, used_gpu
-from opbench.summary import format_seconds
+from opbench.summary import format_seconds, table_lines
 
 
 @dataclass(frozen=True)
@@ -147,17 +147,11 @@ def add_command(sub) -> None:
     p.set_defaults(func=_command)
 
 
-def _print_rows(rows: list[tuple]) -> None:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
-
-
 def _command(args) -> int:
     if args.run is None:
         print("dense datasheet figures (no 2:4 sparsity); measure a card with "
               "`pytest bench/test_peaks.py --benchmark-json=peaks.json`, then `opbench peaks peaks.json`")
-        _print_rows(_datasheet_table())
+        print("\n".join(table_lines(_datasheet_table())))
         return 0
     run = load_run(args.run)
     peaks = measured_peaks((m.info for m in run.measurements), run.device,
@@ -168,5 +162,6 @@ def _command(args) -> int:
     sheet = datasheet_for((used_gpu(run.machine_info) or {}).get("name"))
     print(f"peaks measured on {peaks.label} ({run.path}); "
           + (f"datasheet: {sheet.name} ({sheet.source})" if sheet else "no datasheet for this device"))
-    _print_rows([("metric", "measured", "datasheet", "of datasheet"), *comparison_rows(peaks, sheet)])
+    print("\n".join(table_lines([("metric", "measured", "datasheet", "of datasheet"),
+                                  *comparison_rows(peaks, sheet)])))
     return 0

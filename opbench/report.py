@@ -20,7 +20,7 @@ from opbench.compare import (DEFAULT_THRESHOLD_PCT, SECTIONS, Comparison, change
 from opbench.peaks import comparison_rows, datasheet_for, measured_peaks
 from opbench.roofline import Ceilings, bound, run_ceilings
 from opbench.runs import Measurement, Run, device_label, environment, load_run, resolve_run, used_gpu
-from opbench.summary import format_seconds
+from opbench.summary import format_seconds, roles_cell
 
 CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1180px; padding: 0 1em; color: #222; }
@@ -139,7 +139,7 @@ def _op_tables_html(run: Run, ceil: Ceilings | None) -> str:
             cells = "".join(_cell(per_backend[b], ceil, per_backend[b].median_s == fastest) if b in per_backend
                             else "<td class=num>-</td>" for b in backends)
             roles = next(iter(per_backend.values())).info.get("roles") or []
-            serves = (roles[0] + (f" (+{len(roles) - 1})" if len(roles) > 1 else "")) if roles else "-"
+            serves = roles_cell(roles)
             rows.append(f"<tr><td>{_e(shape_id)}</td><td>{_e(dtype)}</td><td>{_e(pass_)}</td>{cells}"
                         f"<td>{_e(serves)}</td></tr>")
         parts.append(f"<h3>{_e(op)}</h3><table><tr>{head}</tr>{''.join(rows)}</table>")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from opbench.cases import Case
 from opbench.ops import get_family
+from opbench.ops.base import PASSES
 
 
 def format_seconds(s: float) -> str:
@@ -13,23 +14,32 @@ def format_seconds(s: float) -> str:
     return f"{s / 1e-9:.4g} ns"
 
 
+def table_lines(rows, indent: str = "") -> list[str]:
+    """Rows of cells as left-aligned columns, two spaces apart."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    return [indent + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+
+
+def roles_cell(roles, none: str = "-") -> str:
+    """The first role a case serves, and how many more."""
+    if not roles:
+        return none
+    return roles[0] + (f" (+{len(roles) - 1})" if len(roles) > 1 else "")
+
+
 def summary_lines(timed: list[tuple[Case, dict]], device: str) -> list[str]:
     best: dict[tuple, float] = {}
     for case, info in timed:
         best[case.key] = min(best.get(case.key, float("inf")), info["median_s"])
     rows = [("op", "shape", "dtype", "pass", "backend", "median", "TFLOP/s", "GB/s", "timer", "serves")]
-    for case, info in sorted(timed, key=lambda t: (t[0].op, t[0].pass_, t[0].dtype)):
+    for case, info in sorted(timed, key=lambda t: (t[0].op, PASSES.index(t[0].pass_), t[0].dtype)):
         star = "*" if info["median_s"] <= best[case.key] else ""
-        roles = info["roles"]
         rows.append((case.op, get_family(case.op).id_of(case.shape), case.dtype, case.pass_, case.backend + star,
                      format_seconds(info["median_s"]), f"{info['tflops']:.3g}", f"{info['gbps']:.4g}",
-                     f"{info['timer']}x{info['unroll']}",
-                     roles[0] + (f" (+{len(roles) - 1})" if len(roles) > 1 else "") if roles else "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [f"medians per call on {device}; * fastest backend for that shape, dtype and pass; "
-             "timer x calls per timed replay (cuda-graph) or round (cpu)"]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    return lines
+                     f"{info['timer']}x{info['unroll']}", roles_cell(info["roles"])))
+    return [f"medians per call on {device}; * fastest backend for that shape, dtype and pass; "
+            "timer x calls per timed replay (cuda-graph) or round (cpu)", *table_lines(rows)]
 
 
 _WHAT = {"prefill": "time to first token", "decode": "per output token", "train": "step", "finetune": "step"}

@@ -12,7 +12,7 @@ from opbench.selection import PROFILES
 from opbench.workload import Workload, parse_workload, plan
 
 from helpers import ROOT, run_pytest
-from synthetic_runs import bench, write_run
+from synthetic_runs import bench as gemm_bench, write_run
 
 REQUIRED = {"op", "backend", "dtype", "pass", "shape", "roles", "flops", "bytes", "tflops", "gbps", "timer",
             "unroll", "correct"}
@@ -154,7 +154,7 @@ def test_idealized_runtime_file(smoke_run, tmp_path):
 
 
 def test_an_estimate_from_a_run_without_an_op_names_it_and_how_to_measure_it(tmp_path, capsys):
-    run = write_run(tmp_path / "gemm-only.json", [bench(64, 64, 64, 1e-5, dtype="fp32")])
+    run = write_run(tmp_path / "gemm-only.json", [gemm_bench(64, 64, 64, 1e-5, dtype="fp32")])
     with pytest.raises(SystemExit) as stop:
         main(["estimate", str(run), "--model", "tiny", "--phase", "prefill", "--context", "64", "--dtype", "fp32"])
     assert stop.value.code == 2
