@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.torch_version import TorchVersion
 
 from opbench.dtypes import DType
-from opbench.ops.base import OpFamily, all_of, high_precision, needs_cuda, needs_triton_gpu
+from opbench.ops.base import OpFamily, all_of, high_precision, installed, needs_cuda, needs_triton_gpu
 
 
 @dataclass(frozen=True)
@@ -429,12 +429,6 @@ def flex(inp: dict, dtype: DType, pass_: str):
 
 # flash-attn (FlashAttention-2, and FlashAttention-3's flash_attn_interface) ----------------------------
 
-def _installed(module: str, what: str) -> Callable:
-    def requires(shape, dtype: DType, device: str) -> str | None:
-        return None if importlib.util.find_spec(module) else f"flash-attn is not installed ({what})"
-    return requires
-
-
 def _needs_hopper(shape, dtype: DType, device: str) -> str | None:
     if device != "cuda":
         return "FlashAttention-3 needs a Hopper GPU (sm90)"
@@ -453,7 +447,7 @@ def _bshd(t: torch.Tensor) -> torch.Tensor:
 
 
 @ATTENTION.backend("fa2", impl="flash_attn.flash_attn_func (FlashAttention-2)",
-                   requires=all_of(_installed("flash_attn", "FlashAttention-2's flash_attn"),
+                   requires=all_of(installed("flash_attn", "flash-attn", "FlashAttention-2's flash_attn"),
                                    needs_cuda, _half_only("flash-attn"),
                                    _one_context("flash_attn_func (fa2-kvcache takes one per sequence)")))
 def fa2(inp: dict, dtype: DType, pass_: str):
@@ -465,7 +459,7 @@ def fa2(inp: dict, dtype: DType, pass_: str):
 
 @ATTENTION.backend("fa2-kvcache", impl="flash_attn.flash_attn_with_kvcache (FlashAttention-2 decode, "
                    "per-sequence cache_seqlens)",
-                   requires=all_of(_installed("flash_attn", "FlashAttention-2's flash_attn"),
+                   requires=all_of(installed("flash_attn", "flash-attn", "FlashAttention-2's flash_attn"),
                                    needs_cuda, _half_only("flash-attn"),
                                    _decode_only("flash_attn_with_kvcache")))
 def fa2_kvcache(inp: dict, dtype: DType, pass_: str):
@@ -480,7 +474,7 @@ def fa2_kvcache(inp: dict, dtype: DType, pass_: str):
 
 
 @ATTENTION.backend("fa3", impl="flash_attn_interface.flash_attn_func (FlashAttention-3, Hopper)",
-                   requires=all_of(_installed("flash_attn_interface", "FlashAttention-3's flash_attn_interface, "
+                   requires=all_of(installed("flash_attn_interface", "flash-attn", "FlashAttention-3's flash_attn_interface, "
                                               "built from flash-attn's hopper/ folder"),
                                    _needs_hopper, _half_only("FlashAttention-3"),
                                    _one_context("flash_attn_interface.flash_attn_func")))

@@ -101,12 +101,17 @@ def needs_compile_gpu(shape, dtype: DType, device: str) -> str | None:
     return None
 
 
+def installed(module: str, package: str, what: str = "") -> Requires:
+    """Requires that `module` imports; the reason names the package to install (and what of it)."""
+    def requires(shape, dtype: DType, device: str) -> str | None:
+        if importlib.util.find_spec(module) is None:
+            return f"{package} is not installed" + (f" ({what})" if what else "")
+        return None
+    return requires
+
+
 def needs_flash_attn(shape, dtype: DType, device: str) -> str | None:
-    if importlib.util.find_spec("flash_attn") is None:
-        return "flash-attn is not installed"
-    if device != "cuda":
-        return "flash-attn needs a CUDA GPU"
-    return None
+    return installed("flash_attn", "flash-attn")(shape, dtype, device) or needs_cuda(shape, dtype, device)
 
 
 def tf32_needs_cuda(shape, dtype: DType, device: str) -> str | None:
