@@ -29,13 +29,14 @@ def _norm(model: ModelConfig, width: int) -> nn.Module:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x * cos + rotate(x) * sin, cos and sin already laid out per element (rope_tables)."""
     if interleaved:  # GPT-J: pairs (x0, x1), (x2, x3), ...
         pairs = x.unflatten(-1, (-1, 2))
         rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-        return x * cos.repeat_interleave(2, -1) + rotated * sin.repeat_interleave(2, -1)
-    half = x.shape[-1] // 2  # GPT-NeoX / Llama: the two halves rotate together
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * torch.cat((cos, cos), -1) + rotated * torch.cat((sin, sin), -1)
+    else:  # GPT-NeoX / Llama: the two halves rotate together
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
 
 
 class ReferenceLayer(nn.Module):
@@ -54,7 +55,8 @@ class ReferenceLayer(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x: (batch, q_len, hidden). cache: K and V of (batch, kv_heads, kv_len, head_dim) whose last
-        q_len positions this call fills (decode); None attends within x (prefill, train)."""
+        q_len positions this call fills (inference: the prompt in prefill, one token in decode); None
+        attends within x (training)."""
         b, s, _ = x.shape
         d = self.model.head_dim
         q, k, v = self.qkv(self.norm_input(x)).split([self.heads * d, self.kv_heads * d, self.kv_heads * d], -1)
@@ -114,12 +116,15 @@ class ReferenceModel(nn.Module):
 
 
 def rope_tables(model: ModelConfig, positions: torch.Tensor, dtype: torch.dtype):
-    """cos and sin of (len(positions), head_dim / 2), base 10000; None for models without rotary."""
+    """cos and sin of (len(positions), head_dim), base 10000, each angle repeated where the layout
+    pairs its elements (interleaved: side by side; half rotation: half a head apart), so a call
+    multiplies and adds only; None for models without rotary."""
     if model.rotary == "none":
         return None
     half = model.head_dim // 2
     inv_freq = 1.0 / (10000 ** (torch.arange(half, device=positions.device, dtype=torch.float64) / half))
     angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    angles = angles.repeat_interleave(2, -1) if model.rotary == "gptj" else torch.cat((angles, angles), -1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -128,9 +133,12 @@ def layer_inputs(model: ModelConfig, w: Workload, dtype: torch.dtype, device: st
     q_len = 1 if w.phase == "decode" else w.seq_len
     x = torch.randn(w.batch, q_len, model.hidden, device=device, dtype=dtype)
     positions = torch.arange(w.seq_len - q_len, w.seq_len, device=device)
-    inputs = {"x": x, "rope": rope_tables(model, positions, dtype), "cache": None}
-    if w.phase == "decode":
-        kv = shard(model, w.tp).kv_heads
-        inputs["cache"] = tuple(torch.randn(w.batch, kv, w.seq_len, model.head_dim, device=device, dtype=dtype)
-                                for _ in range(2))
-    return inputs
+    return {"x": x, "rope": rope_tables(model, positions, dtype), "cache": kv_cache(model, w, dtype, device)}
+
+
+def kv_cache(model: ModelConfig, w: Workload, dtype: torch.dtype, device: str):
+    """K and V of seq_len positions that inference writes its new tokens into (None in training)."""
+    if w.training:
+        return None
+    kv = shard(model, w.tp).kv_heads
+    return tuple(torch.randn(w.batch, kv, w.seq_len, model.head_dim, device=device, dtype=dtype) for _ in range(2))

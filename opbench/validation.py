@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from opbench.compose import Breakdown
 from opbench.dtypes import get_dtype
 from opbench.ops.base import high_precision, high_precision_dtype
-from opbench.reference_layer import ReferenceLayer, ReferenceModel, layer_inputs, rope_tables, supported
+from opbench.reference_layer import (ReferenceLayer, ReferenceModel, kv_cache, layer_inputs, rope_tables,
+                                     supported)
 from opbench.timing import RunSettings, check, measure
 from opbench.workload import Plan
 
@@ -74,11 +75,7 @@ def _build(case: UnitCase, dtype: torch.dtype, device: str):
         q_len = 1 if w.phase == "decode" else w.seq_len
         tokens = torch.randint(0, module.embed.num_embeddings, (w.batch, q_len), device=device)
         rope = rope_tables(model, torch.arange(w.seq_len - q_len, w.seq_len, device=device), dtype)
-        caches = None
-        if w.phase == "decode":
-            kv = module.layers[0].kv_heads
-            caches = [tuple(torch.randn(w.batch, kv, w.seq_len, model.head_dim, device=device, dtype=dtype)
-                            for _ in range(2)) for _ in range(model.layers)]
+        caches = None if train else [kv_cache(model, w, dtype, device) for _ in range(model.layers)]
         args = (tokens, rope, caches)
 
         def forward(m, *a):

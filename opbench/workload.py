@@ -15,6 +15,7 @@ from opbench.models import ModelConfig
 from opbench.ops.attention import AttentionShape
 from opbench.ops.collective import CollectiveShape
 from opbench.ops.gemm import GemmShape
+from opbench.ops.kvcache import KVWriteShape
 from opbench.ops.tokenwise import ParamsShape, RotaryShape, RowsShape, VocabShape
 
 PHASES = ("prefill", "decode", "train", "finetune")
@@ -192,6 +193,8 @@ def plan(model: ModelConfig, workload: Workload) -> Plan:
         offset = w.seq_len - 1 if w.phase == "decode" else 0
         tokenwise("attn.rotary", "rotary",
                   RotaryShape(tokens, dims.heads, dims.kv_heads, d, int(model.rotary == "gptj"), offset))
+    if not training:  # inference stores each new token's K and V for the steps after it
+        calls.append(OpCall("attn.kv_write", "kv_write", KVWriteShape(tokens, dims.kv_heads, d)))
     window = model.sliding_window if model.sliding_window < w.seq_len else 0  # a window past the end is none
     q_len = 1 if w.phase == "decode" else w.seq_len
     tokenwise("attn.core", "attention",

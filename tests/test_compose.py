@@ -34,8 +34,8 @@ def test_measured_plan_sums_layers_and_model_scope():
     assert b.sources() == {"measured": len(p.calls), "interpolated": 0, "modeled": 0}
     modules = b.modules_s()
     assert sum(modules.values()) == pytest.approx(b.total_s)
-    # attention block per layer: qkv + o GEMMs, rotary, core attention
-    assert modules["attention"] == pytest.approx(ZOO["tiny"].layers * (2 * 10e-6 + 1e-6 + 20e-6))
+    # attention block per layer: qkv + o GEMMs, rotary, the KV-cache write, core attention
+    assert modules["attention"] == pytest.approx(ZOO["tiny"].layers * (2 * 10e-6 + 2 * 1e-6 + 20e-6))
     shares = b.to_dict()["modules"]
     assert sum(m["share"] for m in shares.values()) == pytest.approx(1.0)
 

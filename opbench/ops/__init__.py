@@ -21,6 +21,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "embedding": ("opbench.ops.embedding", "EMBEDDING"),
     "cross_entropy": ("opbench.ops.embedding", "CROSS_ENTROPY"),
     "adamw": ("opbench.ops.optim", "ADAMW"),
+    "kv_write": ("opbench.ops.kvcache", "KV_WRITE"),
     "allreduce": ("opbench.ops.collective", "ALLREDUCE"),
     "allgather": ("opbench.ops.collective", "ALLGATHER"),
     "reducescatter": ("opbench.ops.collective", "REDUCESCATTER"),
