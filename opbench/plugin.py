@@ -133,28 +133,28 @@ def run_settings(config) -> RunSettings:
     return config._opbench.settings
 
 
+def _recorded(benchmark, request, runner, kept: str):
+    """A function running one case with `runner` and keeping its extra_info in the state's `kept` list
+    once it was timed, for the end-of-run composition."""
+    state: _State = request.config._opbench
+
+    def run(case) -> None:
+        runner(benchmark, case, state.settings)
+        if benchmark.stats is not None:
+            getattr(state, kept).append((case, dict(benchmark.extra_info)))
+    return run
+
+
 @pytest.fixture
 def measure_case(benchmark, request):
     """Run a case through the harness: availability, correctness gate, timing, extra_info."""
-    state: _State = request.config._opbench
-
-    def run(case: Case) -> None:
-        run_case(benchmark, case, state.settings)
-        if benchmark.stats is not None:
-            state.timed.append((case, dict(benchmark.extra_info)))
-    return run
+    return _recorded(benchmark, request, run_case, "timed")
 
 
 @pytest.fixture
 def measure_unit(benchmark, request):
     """Time a decoder layer or a whole model as one unit (bench/test_layer.py)."""
-    state: _State = request.config._opbench
-
-    def run(unit: UnitCase) -> None:
-        run_unit_case(benchmark, unit, state.settings)
-        if benchmark.stats is not None:
-            state.units.append((unit, dict(benchmark.extra_info)))
-    return run
+    return _recorded(benchmark, request, run_unit_case, "units")
 
 
 def pytest_report_header(config):
