@@ -227,7 +227,8 @@ class Composer:
     def _fit(self, op: str, dtype: str | None) -> tuple[float, float] | None:
         key = (op, dtype)
         if key not in self._fits:
-            cases = [m for m in self.measurements if m.op == op and (dtype is None or m.dtype == dtype)]
+            # the fastest backend of each measured case, as composition itself picks
+            cases = [m for m in self._exact.values() if m.op == op and (dtype is None or m.dtype == dtype)]
             self._fits[key] = fit_roofline([(m.flops, m.bytes, m.time_s) for m in cases]) if cases else None
         return self._fits[key]
 

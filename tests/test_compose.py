@@ -98,3 +98,10 @@ def test_collectives_come_from_a_measured_fit_or_else_the_fabric_profile():
     fit = AlphaBeta("allreduce", 20e-6, 100.0, 2, "measured: nccl bf16, world of 2")
     t, _, model, _ = Composer([], fits=[fit]).time("allreduce", shape, "bf16", "fwd")
     assert model == fit.source and t == pytest.approx(20e-6 + 1.75 * 64 * 2**20 / 100e9)
+
+
+def test_the_roofline_is_fitted_to_the_fastest_backend_of_each_case():
+    slow, fast = gemm(4096, 4096, 4096, 1.0, "slowlib"), gemm(4096, 4096, 4096, 0.01, "torch")
+    t, source, _, _ = Composer([slow, fast]).time("gemm", GemmShape(2048, 4096, 4096), "fp32", "fwd")
+    # one case fits both ceilings at its own rates: half its FLOPs, two thirds of its bytes
+    assert source == "modeled" and t == pytest.approx(0.01 * max(1 / 2, 2 / 3))
