@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from opbench.dtypes import DType
-from opbench.ops.base import OpFamily, needs_compile_gpu, needs_triton_gpu
-from opbench.ops.tokenwise import Grads, RowsShape, autograd_pass, compiled, reference
+from opbench.ops.base import OpFamily, needs_triton_gpu
+from opbench.ops.tokenwise import Grads, RowsShape, eager_and_compiled, reference
 
 GRADS = Grads(outputs=("dy",), wrt=("x",))
 
@@ -109,13 +109,7 @@ def torch_gelu(x):
 
 def _register(family: OpFamily, eager, *, act: str, gated: bool) -> None:
     """The same backends for each activation: `eager` in torch and compiled, the kernel's `act`."""
-    @family.backend("torch", impl=f"eager torch ({eager.__name__}); backward: autograd")
-    def torch_backend(inp: dict, dtype: DType, pass_: str):
-        return autograd_pass(eager, inp, pass_, GRADS)
-
-    @family.backend("compile", impl=f"torch.compile({eager.__name__}); backward: autograd", requires=needs_compile_gpu)
-    def compile_backend(inp: dict, dtype: DType, pass_: str):
-        return autograd_pass(compiled(eager), inp, pass_, GRADS)
+    eager_and_compiled(family, eager, GRADS, f"eager torch ({eager.__name__})")
 
     @family.backend("triton", impl=f"kernels/activation.py: activation(act={act!r}, gated={gated}) and its backward",
                     requires=needs_triton_gpu)

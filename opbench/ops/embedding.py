@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from opbench.dtypes import DType
-from opbench.ops.base import OpFamily, needs_compile_gpu, needs_triton_gpu
-from opbench.ops.tokenwise import Grads, VocabShape, autograd_pass, compiled, reference
+from opbench.ops.base import OpFamily, needs_triton_gpu
+from opbench.ops.tokenwise import Grads, VocabShape, eager_and_compiled, reference
 
 INDEX_BYTES = 8  # int64 ids and targets
 EMBEDDING_GRADS = Grads(outputs=("dy",), wrt=("weight",))
@@ -61,15 +61,7 @@ def torch_embedding(ids, weight):
     return F.embedding(ids, weight)
 
 
-@EMBEDDING.backend("torch", impl="torch.nn.functional.embedding; backward: autograd (embedding_dense_backward)")
-def embedding_torch(inp: dict, dtype: DType, pass_: str):
-    return autograd_pass(torch_embedding, inp, pass_, EMBEDDING_GRADS)
-
-
-@EMBEDDING.backend("compile", impl="torch.compile(torch.nn.functional.embedding); backward: autograd",
-                   requires=needs_compile_gpu)
-def embedding_compile(inp: dict, dtype: DType, pass_: str):
-    return autograd_pass(compiled(torch_embedding), inp, pass_, EMBEDDING_GRADS)
+eager_and_compiled(EMBEDDING, torch_embedding, EMBEDDING_GRADS, "torch.nn.functional.embedding")
 
 
 # Cross-entropy --------------------------------------------------------------------------------------
@@ -109,16 +101,8 @@ def torch_cross_entropy(logits, targets):
     return F.cross_entropy(logits, targets, reduction="none")
 
 
-@CROSS_ENTROPY.backend("torch", impl="torch.nn.functional.cross_entropy(reduction='none') on the logits' dtype; "
-                                     "backward: autograd")
-def cross_entropy_torch(inp: dict, dtype: DType, pass_: str):
-    return autograd_pass(torch_cross_entropy, inp, pass_, LOSS_GRADS)
-
-
-@CROSS_ENTROPY.backend("compile", impl="torch.compile(torch.nn.functional.cross_entropy); backward: autograd",
-                       requires=needs_compile_gpu)
-def cross_entropy_compile(inp: dict, dtype: DType, pass_: str):
-    return autograd_pass(compiled(torch_cross_entropy), inp, pass_, LOSS_GRADS)
+eager_and_compiled(CROSS_ENTROPY, torch_cross_entropy, LOSS_GRADS,
+                   "torch.nn.functional.cross_entropy(reduction='none') on the logits' dtype")
 
 
 @CROSS_ENTROPY.backend("triton", impl="kernels/cross_entropy.py: chunked online softmax; backward in place "

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from opbench.dtypes import DType
 from opbench.ops.base import OpFamily, high_precision, needs_compile_gpu, needs_flash_attn, needs_triton_gpu
-from opbench.ops.tokenwise import Grads, RowsShape, autograd_pass, compiled, reference
+from opbench.ops.tokenwise import Grads, RowsShape, autograd_pass, compiled, eager_and_compiled, reference
 
 EPS = 1e-6
 
@@ -164,26 +164,10 @@ def torch_add_rms_norm(x, residual, weight):
     return torch_rms_norm(h, weight), h
 
 
-@RMSNORM.backend("torch", impl="torch.nn.functional.rms_norm; backward: autograd")
-def rmsnorm_torch(inp: dict, dtype: DType, pass_: str):
-    return autograd_pass(torch_rms_norm, inp, pass_, RMS_GRADS)
+eager_and_compiled(RMSNORM, torch_rms_norm, RMS_GRADS, "torch.nn.functional.rms_norm")
 
 
-@RMSNORM.backend("compile", impl="torch.compile(torch.nn.functional.rms_norm); backward: autograd",
-                 requires=needs_compile_gpu)
-def rmsnorm_compile(inp: dict, dtype: DType, pass_: str):
-    return autograd_pass(compiled(torch_rms_norm), inp, pass_, RMS_GRADS)
-
-
-@LAYERNORM.backend("torch", impl="torch.nn.functional.layer_norm; backward: autograd")
-def layernorm_torch(inp: dict, dtype: DType, pass_: str):
-    return autograd_pass(torch_layer_norm, inp, pass_, LN_GRADS)
-
-
-@LAYERNORM.backend("compile", impl="torch.compile(torch.nn.functional.layer_norm); backward: autograd",
-                   requires=needs_compile_gpu)
-def layernorm_compile(inp: dict, dtype: DType, pass_: str):
-    return autograd_pass(compiled(torch_layer_norm), inp, pass_, LN_GRADS)
+eager_and_compiled(LAYERNORM, torch_layer_norm, LN_GRADS, "torch.nn.functional.layer_norm")
 
 
 @ADD.backend("torch", impl="torch.add")
@@ -199,15 +183,8 @@ def add_compile(inp: dict, dtype: DType, pass_: str):
     return lambda: add(a, b)
 
 
-@ADD_RMSNORM.backend("torch", impl="x + residual, then torch.nn.functional.rms_norm (unfused); backward: autograd")
-def add_rmsnorm_torch(inp: dict, dtype: DType, pass_: str):
-    return autograd_pass(torch_add_rms_norm, inp, pass_, ADD_RMS_GRADS)
-
-
-@ADD_RMSNORM.backend("compile", impl="torch.compile(x + residual, rms_norm); backward: autograd",
-                     requires=needs_compile_gpu)
-def add_rmsnorm_compile(inp: dict, dtype: DType, pass_: str):
-    return autograd_pass(compiled(torch_add_rms_norm), inp, pass_, ADD_RMS_GRADS)
+eager_and_compiled(ADD_RMSNORM, torch_add_rms_norm, ADD_RMS_GRADS,
+                   "x + residual, then torch.nn.functional.rms_norm (unfused)")
 
 
 # The suite's Triton kernels: the backward is timed alone, from the statistics its forward saved ------

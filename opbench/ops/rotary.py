@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from opbench.dtypes import DType
-from opbench.ops.base import OpFamily, needs_compile_gpu, needs_flash_attn, needs_triton_gpu
-from opbench.ops.tokenwise import Grads, RotaryShape, autograd_pass, compiled, reference
+from opbench.ops.base import OpFamily, needs_flash_attn, needs_triton_gpu
+from opbench.ops.tokenwise import Grads, RotaryShape, eager_and_compiled, reference
 
 BASE = 10000.0
 GRADS = Grads(outputs=("dq", "dk"), wrt=("q", "k"))
@@ -95,14 +95,7 @@ def torch_rotary(q, k, cos, sin, positions, interleaved):
     return turn(q), turn(k)
 
 
-@ROTARY.backend("torch", impl="eager torch ops (gather cos/sin, multiply, cat); backward: autograd")
-def rotary_torch(inp: dict, dtype: DType, pass_: str):
-    return autograd_pass(torch_rotary, inp, pass_, GRADS)
-
-
-@ROTARY.backend("compile", impl="torch.compile of the eager form; backward: autograd", requires=needs_compile_gpu)
-def rotary_compile(inp: dict, dtype: DType, pass_: str):
-    return autograd_pass(compiled(torch_rotary), inp, pass_, GRADS)
+eager_and_compiled(ROTARY, torch_rotary, GRADS, "eager torch ops (gather cos/sin, multiply, cat)")
 
 
 @ROTARY.backend("triton", impl="kernels/rotary.py: rotary (backward: the conjugate rotation)",

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from opbench.ops.base import high_precision
+from opbench.ops.base import high_precision, needs_compile_gpu
 
 
 @dataclass(frozen=True)
@@ -88,3 +88,15 @@ def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     run, one function would otherwise reach the recompile limit and silently run eagerly."""
     torch._dynamo.reset()
     return torch.compile(fn, dynamic=False)
+
+
+def eager_and_compiled(family, eager: Callable[..., Any], grads: Grads, what: str) -> None:
+    """Register a torch function as the family's "torch" backend and, compiled, its "compile" backend;
+    both take their backward from autograd. `what` names the eager op in the backends' impl."""
+    @family.backend("torch", impl=f"{what}; backward: autograd")
+    def torch_backend(inp: dict, dtype, pass_: str):
+        return autograd_pass(eager, inp, pass_, grads)
+
+    @family.backend("compile", impl=f"torch.compile({what}); backward: autograd", requires=needs_compile_gpu)
+    def compile_backend(inp: dict, dtype, pass_: str):
+        return autograd_pass(compiled(eager), inp, pass_, grads)
