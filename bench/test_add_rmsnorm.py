@@ -3,7 +3,7 @@ of the plans of RMSNorm models, in the add's passes."""
 
 from dataclasses import replace
 
-from opbench.cases import build_cases
+from opbench.measure.cases import build_cases
 
 
 def CASES(selection):

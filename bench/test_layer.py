@@ -1,7 +1,7 @@
 """A decoder layer, and a whole small model, timed as one unit at each selected workload: the
 measurement composition is checked against (the error is in the summary and the JSON)."""
 
-from opbench.validation import unit_cases
+from opbench.measure.units import unit_cases
 
 
 def pytest_generate_tests(metafunc):

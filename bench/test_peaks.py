@@ -2,8 +2,8 @@
 host-to-device and device-to-host copies, kernel launch overhead. Not plan cases: this module
 parametrizes itself (`peak`, not `case`); the peaks land in the JSON's opbench section."""
 
-from opbench.peak_cases import peak_cases, run_peak
-from opbench.plugin import run_settings
+from opbench.measure.peak_cases import peak_cases, run_peak
+from opbench.measure.plugin import run_settings
 
 
 def pytest_generate_tests(metafunc):

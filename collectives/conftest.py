@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from opbench.collective_harness import collective_cases, run_collective_case, summary_lines
-from opbench.comm_model import Fit, fit_all
-from opbench.distributed import (DEFAULT_TIMEOUT_S, DistributedError, Launch, World, finish, is_reporting_rank,
+from opbench.dist.collectives import collective_cases, run_collective_case, summary_lines
+from opbench.analyze.alphabeta import Fit, fit_all
+from opbench.dist.world import (DEFAULT_TIMEOUT_S, DistributedError, Launch, World, finish, is_reporting_rank,
                                  launch_layout, start, stop)
 
 

@@ -7,14 +7,16 @@ import json
 import sys
 from dataclasses import asdict
 
-from opbench import compare, peaks, report, results
-from opbench.charts import ReportError
-from opbench.compose import MissingMeasurement
-from opbench.models import ZOO, ConfigError, get_model
-from opbench.runs import RunError
-from opbench.selection import PROFILES
-from opbench.summary import table_lines
-from opbench.workload import PlanError, parse_workload, plan
+from opbench.analyze import compare, report, session
+from opbench.measure import peaks
+from opbench.analyze.charts import ReportError
+from opbench.analyze.compose import MissingMeasurement
+from opbench.spec.models import ZOO, ConfigError, get_model
+from opbench.analyze.runs import RunError
+from opbench.measure.selection import PROFILES
+from opbench.text import table_lines
+from opbench.spec.workload import PlanError, parse_workload
+from opbench.spec.plan import plan
 
 
 def _models(args) -> None:
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", help="workload dtype: bf16, fp16, fp32, tf32, fp8 (default bf16)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_plan)
-    for command in (compare, report, peaks, results):
+    for command in (compare, report, peaks, session):
         command.add_command(sub)
     return parser
 

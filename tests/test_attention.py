@@ -6,13 +6,14 @@ import importlib.util
 import pytest
 import torch
 
-from opbench.dtypes import get_dtype
-from opbench.models import get_model
+from opbench.ops.dtypes import get_dtype
+from opbench.spec.models import get_model
 from opbench.ops.attention import (
     ATTENTION, AttentionShape, attended_pairs, bytes_moved, context_lens, flops, sdpa_masking, shape_id, visible,
 )
-from opbench.timing import check
-from opbench.workload import PlanError, parse_workload, plan
+from opbench.measure.timing import check
+from opbench.spec.workload import PlanError, parse_workload
+from opbench.spec.plan import plan
 
 
 def shape(batch=1, heads=1, kv_heads=1, head_dim=16, q_len=8, kv_len=8, causal=1, window=0, kv_len_min=0):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.attention import decode_attention, flash_attention, flash_attention_backward
+from opbench.kernels.attention import decode_attention, flash_attention, flash_attention_backward
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # tests/conftest.py sets TRITON_INTERPRET=1 without one
@@ -119,7 +119,7 @@ import json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import kernels.attention as A
+import opbench.kernels.attention as A
 
 FP32_POINTERS = {"LSE", "DELTA", "PART_O", "PART_LSE"}
 report = {}

@@ -7,12 +7,13 @@ import sys
 import pytest
 
 from opbench.cli import main
-from opbench.models import ZOO
-from opbench.selection import PROFILES
-from opbench.workload import Workload, parse_workload, plan
+from opbench.spec.models import ZOO
+from opbench.measure.selection import PROFILES
+from opbench.spec.workload import Workload, parse_workload
+from opbench.spec.plan import plan
 
-from helpers import ROOT, run_pytest
-from synthetic_runs import bench as gemm_bench, write_run
+from tests.helpers import ROOT, run_pytest
+from tests.synthetic_runs import bench as gemm_bench, write_run
 
 REQUIRED = {"op", "backend", "dtype", "pass", "shape", "roles", "flops", "bytes", "tflops", "gbps", "timer",
             "unroll", "correct"}

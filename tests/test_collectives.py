@@ -9,16 +9,17 @@ import time
 import pytest
 import torch
 
-from opbench.collective_harness import collective_cases, plan_messages, sweep_sizes
-from opbench.comm_model import PROFILES, fit, predict
-from opbench.distributed import GpuPlacement, Launch, shared_gpus
-from opbench.models import ZOO
+from opbench.dist.collectives import collective_cases, plan_messages, sweep_sizes
+from opbench.analyze.alphabeta import PROFILES, fit, predict
+from opbench.dist.world import GpuPlacement, Launch, shared_gpus
+from opbench.spec.models import ZOO
 from opbench.ops.collective import (COLLECTIVES, CollectiveShape, algbw_gbps, busbw_factor, busbw_gbps,
                                     message_bytes, pattern, reference, shape_id)
-from opbench.selection import select
-from opbench.workload import parse_workload, plan
+from opbench.measure.selection import select
+from opbench.spec.workload import parse_workload
+from opbench.spec.plan import plan
 
-from helpers import run_pytest, run_torchrun
+from tests.helpers import run_pytest, run_torchrun
 
 
 # Bandwidths as nccl-tests defines them --------------------------------------------------------------

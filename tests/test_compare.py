@@ -5,10 +5,10 @@ import json
 import pytest
 
 from opbench.cli import main
-from opbench.compare import compare_runs
-from opbench.runs import load_run
+from opbench.analyze.compare import compare_runs
+from opbench.analyze.runs import load_run
 
-from synthetic_runs import bench, machine, write_run
+from tests.synthetic_runs import bench, machine, write_run
 
 
 @pytest.fixture

@@ -2,11 +2,12 @@
 
 import pytest
 
-from opbench.compose import Composer, Measurement, MissingMeasurement, fit_roofline, shape_key
-from opbench.dtypes import DTYPES
-from opbench.models import ZOO
+from opbench.analyze.compose import Composer, Measurement, MissingMeasurement, fit_roofline, shape_key
+from opbench.ops.dtypes import DTYPES
+from opbench.spec.models import ZOO
 from opbench.ops.gemm import GemmShape, bytes_moved, flops
-from opbench.workload import Plan, Workload, plan
+from opbench.spec.workload import Workload
+from opbench.spec.plan import Plan, plan
 
 
 def measure_plan(p, seconds, backend="torch"):
@@ -86,7 +87,7 @@ def test_missing_op_names_the_op_and_role():
 
 
 def test_collectives_come_from_a_measured_fit_or_else_the_fabric_profile():
-    from opbench.comm_model import AlphaBeta, PROFILES
+    from opbench.analyze.alphabeta import AlphaBeta, PROFILES
     from opbench.ops.collective import CollectiveShape
 
     shape = CollectiveShape(size_bytes=64 * 2**20, world=8)

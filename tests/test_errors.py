@@ -6,7 +6,7 @@ import pytest
 
 from opbench.cli import main
 
-from helpers import run_pytest
+from tests.helpers import run_pytest
 
 
 @pytest.fixture

@@ -2,12 +2,13 @@
 
 import pytest
 
-from opbench.compose import Composer
-from opbench.estimate import TrainOptions, estimate, fewest_gpus, idealized_runtime, memory, model_flops_per_token
-from opbench.models import ZOO
-from opbench.workload import Workload, plan
+from opbench.analyze.compose import Composer
+from opbench.analyze.estimate import TrainOptions, estimate, fewest_gpus, idealized_runtime, memory, model_flops_per_token
+from opbench.spec.models import ZOO
+from opbench.spec.workload import Workload
+from opbench.spec.plan import plan
 
-from test_compose import measure_plan
+from tests.test_compose import measure_plan
 
 PASS_COST = {"fwd": 1e-6, "dgrad": 2e-6, "wgrad": 3e-6, "bwd": 4e-6}
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from opbench.dtypes import DTYPES
+from opbench.ops.dtypes import DTYPES
 from opbench.ops.gemm import GEMM, GemmShape, bytes_moved, flops, inputs
-from opbench.timing import check
+from opbench.measure.timing import check
 
 
 def test_flops_and_bytes_by_hand():
@@ -34,7 +34,7 @@ def test_each_pass_gets_its_training_layout():
 def test_triton_matmul_matches_reference_at_odd_sizes(m, n, k, pass_, dtype):
     # Runs under TRITON_INTERPRET=1 on a CPU (tests/conftest.py). Sizes are not multiples of the
     # 32-wide blocks, so every edge mask is exercised; fp32 also checks the "ieee" input precision.
-    from kernels.matmul import matmul
+    from opbench.kernels.matmul import matmul
 
     dt = DTYPES[dtype]
     shape = GemmShape(m, n, k)
@@ -46,7 +46,7 @@ def test_triton_matmul_matches_reference_at_odd_sizes(m, n, k, pass_, dtype):
 
 
 def test_triton_matmul_rejects_mismatched_operands():
-    from kernels.matmul import matmul
+    from opbench.kernels.matmul import matmul
 
     with pytest.raises(ValueError, match=r"\(M, K\) @ \(K, N\)"):
         matmul(torch.ones(3, 4), torch.ones(5, 6))

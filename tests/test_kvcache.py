@@ -1,10 +1,11 @@
 import pytest
 
-from opbench.dtypes import DTYPES
-from opbench.models import ZOO
+from opbench.ops.dtypes import DTYPES
+from opbench.spec.models import ZOO
 from opbench.ops.kvcache import KV_WRITE, KVWriteShape, bytes_moved, flops
-from opbench.timing import check
-from opbench.workload import Workload, plan
+from opbench.measure.timing import check
+from opbench.spec.workload import Workload
+from opbench.spec.plan import plan
 
 
 def test_bytes_by_hand():

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from opbench.models import TEST_MODEL, ZOO, ConfigError, get_model, load_hf_config
+from opbench.spec.models import TEST_MODEL, ZOO, ConfigError, get_model, load_hf_config
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 SHAPE_FIELDS = ("hidden", "layers", "heads", "kv_heads", "head_dim", "ffn_hidden", "vocab", "max_seq_len", "norm",

@@ -4,11 +4,11 @@ import pytest
 
 from opbench.cli import main
 from opbench.ops.gemm import GemmShape
-from opbench.peak_cases import LaunchShape, PeakCase, SizeShape, _skip_reason, copy_size, peak_cases, work
-from opbench.peaks import datasheet_for, measured_peaks
-from opbench.roofline import Ceilings, add_roofline, bound, ceilings
+from opbench.measure.peak_cases import LaunchShape, PeakCase, SizeShape, _skip_reason, copy_size, peak_cases, work
+from opbench.measure.peaks import datasheet_for, measured_peaks
+from opbench.analyze.roofline import Ceilings, add_roofline, bound, ceilings
 
-from synthetic_runs import bench, machine, peak, write_run
+from tests.synthetic_runs import bench, machine, peak, write_run
 
 
 @pytest.mark.parametrize("device_name, sheet", [
@@ -152,7 +152,7 @@ def test_opbench_peaks_on_a_run_without_peaks_is_one_line(tmp_path, capsys):
 
 
 def test_a_cpu_copy_leaves_the_last_level_cache(monkeypatch):
-    import opbench.peak_cases as pc
+    import opbench.measure.peak_cases as pc
 
     monkeypatch.setattr(pc, "last_level_cache_bytes", lambda: 256 * 2**20)
     assert pc.copy_size("cpu") == 4 * 256 * 2**20

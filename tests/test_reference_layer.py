@@ -4,10 +4,10 @@ and a decode step over the KV cache gives what prefill gives for the same last t
 import pytest
 import torch
 
-from opbench.models import ZOO
+from opbench.spec.models import ZOO
 from opbench.ops.rotary import rotary_formula
-from opbench.reference_layer import ReferenceLayer, _rotate, kv_cache, rope_tables
-from opbench.workload import Workload
+from opbench.measure.reference_layer import ReferenceLayer, _rotate, kv_cache, rope_tables
+from opbench.spec.workload import Workload
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-alt"])  # half rotation, interleaved

@@ -11,14 +11,14 @@ from collections import Counter
 
 import pytest
 
-from opbench.breakdown import breakdowns
-from opbench.compose import CallTime
-from opbench.charts import module_colours, op_colours
+from opbench.analyze.breakdown import breakdowns
+from opbench.analyze.compose import CallTime
+from opbench.analyze.charts import module_colours, op_colours
 from opbench.cli import main
-from opbench.runs import load_run
+from opbench.analyze.runs import load_run
 
-from helpers import run_pytest
-from synthetic_runs import bench, write_run
+from tests.helpers import run_pytest
+from tests.synthetic_runs import bench, write_run
 
 SVG = "{http://www.w3.org/2000/svg}"
 

@@ -1,9 +1,9 @@
 import pytest
 
-from opbench.cases import build_cases
-from opbench.hardware import gpu_info, stable_facts
-from opbench.selection import PROFILES, SelectionError, select
-from opbench.workload import parse_workload
+from opbench.measure.cases import build_cases
+from opbench.measure.hardware import gpu_info, stable_facts
+from opbench.measure.selection import PROFILES, SelectionError, select
+from opbench.spec.workload import parse_workload
 
 
 def test_cpu_defaults_to_smoke_and_gpu_to_default():

@@ -2,8 +2,8 @@
 
 import pytest
 
-from opbench import hardware
-from opbench.hardware import clock_record, sample_clocks, throttle_reasons, watch_clocks
+from opbench.measure import hardware
+from opbench.measure.hardware import clock_record, sample_clocks, throttle_reasons, watch_clocks
 
 IDLE, APP_CLOCKS, SW_POWER_CAP, HW_SLOWDOWN, SW_THERMAL, HW_THERMAL, HW_POWER_BRAKE = (
     0x1, 0x2, 0x4, 0x8, 0x20, 0x40, 0x80)

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from opbench import timing
-from opbench.timing import calls_for, check, rounds_for
+from opbench.measure import timing
+from opbench.measure.timing import calls_for, check, rounds_for
 
 
 def test_check_passes_close_results_and_fails_wrong_ones():

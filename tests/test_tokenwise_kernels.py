@@ -9,14 +9,14 @@ computes bf16 arithmetic wrongly, so the kernels are tested in fp32 and fp16 onl
 import pytest
 import torch
 
-from kernels.activation import activation, activation_backward
-from kernels.cross_entropy import cross_entropy, cross_entropy_backward
-from kernels.norm import layer_norm, layer_norm_backward, rms_norm, rms_norm_backward
-from kernels.rotary import rotary
-from opbench.dtypes import get_dtype
+from opbench.kernels.activation import activation, activation_backward
+from opbench.kernels.cross_entropy import cross_entropy, cross_entropy_backward
+from opbench.kernels.norm import layer_norm, layer_norm_backward, rms_norm, rms_norm_backward
+from opbench.kernels.rotary import rotary
+from opbench.ops.dtypes import get_dtype
 from opbench.ops import get_family, norm
 from opbench.ops.tokenwise import RotaryShape, RowsShape, VocabShape
-from opbench.timing import check
+from opbench.measure.timing import check
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 WIDTHS = (4095, 5120, 14336)

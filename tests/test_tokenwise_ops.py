@@ -6,15 +6,16 @@ import math
 import pytest
 import torch
 
-from opbench.cases import build_cases
-from opbench.dtypes import get_dtype
-from opbench.hardware import last_level_cache_bytes
-from opbench.models import get_model
+from opbench.measure.cases import build_cases
+from opbench.ops.dtypes import get_dtype
+from opbench.measure.hardware import last_level_cache_bytes
+from opbench.spec.models import get_model
 from opbench.ops import FAMILIES, activation, embedding, get_family, norm, optim, rotary
 from opbench.ops.tokenwise import ParamsShape, RotaryShape, RowsShape, VocabShape
-from opbench.selection import select
-from opbench.timing import check
-from opbench.workload import parse_workload, plan
+from opbench.measure.selection import select
+from opbench.measure.timing import check
+from opbench.spec.workload import parse_workload
+from opbench.spec.plan import plan
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BF16, FP32 = get_dtype("bf16"), get_dtype("fp32")

@@ -1,10 +1,11 @@
 import pytest
 
-from opbench.models import ZOO
+from opbench.spec.models import ZOO
 from opbench.ops.attention import AttentionShape
 from opbench.ops.collective import CollectiveShape
 from opbench.ops.gemm import GemmShape
-from opbench.workload import PlanError, Workload, parse_workload, plan
+from opbench.spec.workload import PlanError, Workload, parse_workload
+from opbench.spec.plan import plan
 
 
 def gemms(p):

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from opbench.dtypes import DType
+from opbench.ops.dtypes import DType
 from opbench.ops.base import OpFamily, needs_triton_gpu
 from opbench.ops.tokenwise import Grads, RowsShape, eager_and_compiled, reference
 
@@ -114,7 +114,7 @@ def _register(family: OpFamily, eager, *, act: str, gated: bool) -> None:
     @family.backend("triton", impl=f"kernels/activation.py: activation(act={act!r}, gated={gated}) and its backward",
                     requires=needs_triton_gpu)
     def triton_backend(inp: dict, dtype: DType, pass_: str):
-        from kernels.activation import activation, activation_backward
+        from opbench.kernels.activation import activation, activation_backward
 
         x = inp["x"]
         if pass_ == "fwd":

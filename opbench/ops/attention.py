@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.torch_version import TorchVersion
 
-from opbench.dtypes import DType
+from opbench.ops.dtypes import DType
 from opbench.ops.base import OpFamily, all_of, high_precision, installed, needs_cuda, needs_triton_gpu
 
 
@@ -496,7 +496,7 @@ def fa3(inp: dict, dtype: DType, pass_: str):
                    requires=all_of(needs_triton_gpu, _one_context("the Triton flash-attention kernel "
                                                                   "(triton-decode takes one per sequence)")))
 def triton_flash(inp: dict, dtype: DType, pass_: str):
-    from kernels.attention import flash_attention, flash_attention_backward
+    from opbench.kernels.attention import flash_attention, flash_attention_backward
 
     s = inp["shape"]
     q, k, v = inp["q"], inp["k"], inp["v"]
@@ -512,7 +512,7 @@ def triton_flash(inp: dict, dtype: DType, pass_: str):
                    "with a log-sum-exp reduction kernel",
                    requires=all_of(needs_triton_gpu, _decode_only("the split-KV decode kernel")))
 def triton_decode(inp: dict, dtype: DType, pass_: str):
-    from kernels.attention import decode_attention
+    from opbench.kernels.attention import decode_attention
 
     q, k, v = inp["q"], inp["k"], inp["v"]
     lens, window = inp.get("kv_lens"), inp["shape"].window

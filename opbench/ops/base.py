@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from opbench.dtypes import DType
+from opbench.ops.dtypes import DType
 
 PASSES = ("fwd", "dgrad", "wgrad", "bwd")
 

@@ -22,7 +22,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from opbench.dtypes import DType
+from opbench.ops.dtypes import DType
 from opbench.ops.base import OpFamily, needs_cuda
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from opbench.dtypes import DType
+from opbench.ops.dtypes import DType
 from opbench.ops.base import OpFamily, needs_triton_gpu
 from opbench.ops.tokenwise import Grads, VocabShape, eager_and_compiled, reference
 
@@ -108,7 +108,7 @@ eager_and_compiled(CROSS_ENTROPY, torch_cross_entropy, LOSS_GRADS,
 @CROSS_ENTROPY.backend("triton", impl="kernels/cross_entropy.py: chunked online softmax; backward in place "
                                       "over the logits, in their dtype", requires=needs_triton_gpu)
 def cross_entropy_triton(inp: dict, dtype: DType, pass_: str):
-    from kernels.cross_entropy import cross_entropy, cross_entropy_backward
+    from opbench.kernels.cross_entropy import cross_entropy, cross_entropy_backward
 
     logits, targets = inp["logits"], inp["targets"]
     if pass_ == "fwd":

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from opbench.dtypes import DType
+from opbench.ops.dtypes import DType
 from opbench.ops.base import OpFamily, all_of, fp8_needs_sm89, high_precision, needs_triton_gpu, tf32_needs_cuda
 
 
@@ -80,7 +80,7 @@ def torch_matmul(inp: dict, dtype: DType, pass_: str):
 @GEMM.backend("triton", impl="kernels/matmul.py, autotuned per (M, N, K)",
               requires=all_of(needs_triton_gpu, fp8_needs_sm89))
 def triton_matmul(inp: dict, dtype: DType, pass_: str):
-    from kernels.matmul import matmul
+    from opbench.kernels.matmul import matmul
 
     a, b = inp["a"], inp["b"]
     out_dtype = torch.bfloat16 if dtype.name == "fp8" else a.dtype

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from opbench.dtypes import DType
+from opbench.ops.dtypes import DType
 from opbench.ops.base import OpFamily, high_precision
 
 SLOT_BYTES = 8  # int64 slot indices

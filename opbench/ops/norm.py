@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from opbench.dtypes import DType
+from opbench.ops.dtypes import DType
 from opbench.ops.base import OpFamily, high_precision, needs_compile_gpu, needs_flash_attn, needs_triton_gpu
 from opbench.ops.tokenwise import Grads, RowsShape, autograd_pass, compiled, eager_and_compiled, reference
 
@@ -191,7 +191,7 @@ eager_and_compiled(ADD_RMSNORM, torch_add_rms_norm, ADD_RMS_GRADS,
 
 @RMSNORM.backend("triton", impl="kernels/norm.py: rms_norm, rms_norm_backward", requires=needs_triton_gpu)
 def rmsnorm_triton(inp: dict, dtype: DType, pass_: str):
-    from kernels.norm import rms_norm, rms_norm_backward
+    from opbench.kernels.norm import rms_norm, rms_norm_backward
 
     x, weight = inp["x"], inp["weight"]
     if pass_ == "fwd":
@@ -202,7 +202,7 @@ def rmsnorm_triton(inp: dict, dtype: DType, pass_: str):
 
 @LAYERNORM.backend("triton", impl="kernels/norm.py: layer_norm, layer_norm_backward", requires=needs_triton_gpu)
 def layernorm_triton(inp: dict, dtype: DType, pass_: str):
-    from kernels.norm import layer_norm, layer_norm_backward
+    from opbench.kernels.norm import layer_norm, layer_norm_backward
 
     x, weight, bias = inp["x"], inp["weight"], inp["bias"]
     if pass_ == "fwd":
@@ -214,7 +214,7 @@ def layernorm_triton(inp: dict, dtype: DType, pass_: str):
 @ADD_RMSNORM.backend("triton", impl="kernels/norm.py: rms_norm with a fused residual, rms_norm_backward",
                      requires=needs_triton_gpu)
 def add_rmsnorm_triton(inp: dict, dtype: DType, pass_: str):
-    from kernels.norm import rms_norm, rms_norm_backward
+    from opbench.kernels.norm import rms_norm, rms_norm_backward
 
     x, residual, weight = inp["x"], inp["residual"], inp["weight"]
     if pass_ == "fwd":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from opbench.dtypes import DType
+from opbench.ops.dtypes import DType
 from opbench.ops.base import OpFamily, high_precision
 from opbench.ops.tokenwise import ParamsShape
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from opbench.dtypes import DType
+from opbench.ops.dtypes import DType
 from opbench.ops.base import OpFamily, needs_flash_attn, needs_triton_gpu
 from opbench.ops.tokenwise import Grads, RotaryShape, eager_and_compiled, reference
 
@@ -101,7 +101,7 @@ eager_and_compiled(ROTARY, torch_rotary, GRADS, "eager torch ops (gather cos/sin
 @ROTARY.backend("triton", impl="kernels/rotary.py: rotary (backward: the conjugate rotation)",
                 requires=needs_triton_gpu)
 def rotary_triton(inp: dict, dtype: DType, pass_: str):
-    from kernels.rotary import rotary
+    from opbench.kernels.rotary import rotary
 
     cos, sin, pos, interleaved = inp["cos"], inp["sin"], inp["positions"], inp["interleaved"]
     q, k = (inp["q"], inp["k"]) if pass_ == "fwd" else (inp["dq"], inp["dk"])

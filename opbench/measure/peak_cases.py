@@ -15,11 +15,11 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 
-from opbench.dtypes import get_dtype
-from opbench.hardware import last_level_cache_bytes, watch_clocks
+from opbench.ops.dtypes import get_dtype
+from opbench.measure.hardware import last_level_cache_bytes, watch_clocks
 from opbench.ops.base import shape_dict
 from opbench.ops.gemm import GEMM, GemmShape, bytes_moved, flops
-from opbench.timing import RunSettings, Timing, check, measure, rounds_for
+from opbench.measure.timing import RunSettings, Timing, check, measure, rounds_for
 
 
 @dataclass(frozen=True)

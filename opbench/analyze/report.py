@@ -13,14 +13,14 @@ from collections import defaultdict
 from pathlib import Path
 
 from opbench import __version__
-from opbench.breakdown import Breakdown, breakdowns
-from opbench.charts import Point, breakdown_svg, module_colours, roofline_svg
-from opbench.compare import (DEFAULT_THRESHOLD_PCT, SECTIONS, Comparison, change_rows, compare_runs, share_pct,
+from opbench.analyze.breakdown import Breakdown, breakdowns
+from opbench.analyze.charts import Point, breakdown_svg, module_colours, roofline_svg
+from opbench.analyze.compare import (DEFAULT_THRESHOLD_PCT, SECTIONS, Comparison, change_rows, compare_runs, share_pct,
                              threshold_pct)
-from opbench.peaks import comparison_rows, datasheet_for, measured_peaks
-from opbench.roofline import Ceilings, bound, run_ceilings
-from opbench.runs import Measurement, Run, device_label, environment, load_run, resolve_run, used_gpu
-from opbench.summary import format_seconds, roles_cell
+from opbench.measure.peaks import comparison_rows, datasheet_for, measured_peaks
+from opbench.analyze.roofline import Ceilings, bound, run_ceilings
+from opbench.analyze.runs import Measurement, Run, device_label, environment, load_run, resolve_run, used_gpu
+from opbench.text import format_seconds, roles_cell
 
 CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1180px; padding: 0 1em; color: #222; }

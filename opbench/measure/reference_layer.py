@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from opbench.models import ModelConfig
-from opbench.workload import Workload, shard
+from opbench.spec.models import ModelConfig
+from opbench.spec.workload import Workload
+from opbench.spec.plan import shard
 
 ACTIVATIONS = {"swiglu": F.silu, "geglu": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu}
 

@@ -14,20 +14,20 @@ import time
 
 import pytest
 
-from opbench.cases import Case
-from opbench.comm_model import Fit
-from opbench.distributed import World, first_line
-from opbench.dtypes import get_dtype
-from opbench.harness import is_oom
+from opbench.measure.cases import Case
+from opbench.analyze.alphabeta import Fit
+from opbench.dist.world import World, first_line
+from opbench.ops.dtypes import get_dtype
+from opbench.measure.runner import is_oom
 from opbench.ops import get_family
 from opbench.ops.base import shape_dict
 from opbench.ops.collective import (COLLECTIVES, CollectiveShape, algbw_gbps, busbw_factor, message_bytes,
                                     shape_id)
-from opbench.selection import Selection
-from opbench.summary import format_seconds, roles_cell, table_lines
-from opbench.timing import (Check, CudaEventClock, RunSettings, calls_for, check, cpu_call_time, cuda_call_time,
+from opbench.measure.selection import Selection
+from opbench.text import format_seconds, roles_cell, table_lines
+from opbench.measure.timing import (Check, CudaEventClock, RunSettings, calls_for, check, cpu_call_time, cuda_call_time,
                             rounds_for)
-from opbench.workload import Plan
+from opbench.spec.plan import Plan
 
 SWEEP_MIN_BYTES = 2**10
 GRADIENT_BUCKET_BYTES = 25 * 2**20  # torch DistributedDataParallel's default bucket_cap_mb

@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from opbench.roofline import Ceilings, bound, run_ceilings
-from opbench.runs import Measurement, Run, environment_diff, load_run, resolve_run
-from opbench.summary import format_seconds, table_lines
+from opbench.analyze.roofline import Ceilings, bound, run_ceilings
+from opbench.analyze.runs import Measurement, Run, environment_diff, load_run, resolve_run
+from opbench.text import format_seconds, table_lines
 
 DEFAULT_THRESHOLD_PCT = 5.0
 

@@ -71,20 +71,6 @@ def is_reporting_rank(env: Mapping[str, str] = os.environ) -> bool:
     return env.get("RANK", "0") == "0"
 
 
-class QuietRank:
-    """pytest hooks of a rank > 0: rank 0 alone writes pytest-benchmark's JSON and prints its tables."""
-
-    @pytest.hookimpl(hookwrapper=True, tryfirst=True)
-    def pytest_sessionfinish(self, session):
-        bench = getattr(session.config, "_benchmarksession", None)
-        if bench is not None:  # runs before pytest-benchmark's own sessionfinish saves and groups
-            if bench.json:  # argparse opened (and emptied) the file on every rank; rank 0 fills it
-                bench.json.close()
-            bench.json, bench.save, bench.autosave = None, None, False
-            bench.benchmarks.clear()
-        yield
-
-
 @dataclass(frozen=True)
 class GpuPlacement:
     rank: int

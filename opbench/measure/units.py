@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from opbench.compose import Breakdown
-from opbench.dtypes import get_dtype
+from opbench.analyze.compose import Breakdown
+from opbench.ops.dtypes import get_dtype
 from opbench.ops.base import high_precision, high_precision_dtype
-from opbench.reference_layer import (ReferenceLayer, ReferenceModel, kv_cache, layer_inputs, rope_tables,
+from opbench.measure.reference_layer import (ReferenceLayer, ReferenceModel, kv_cache, layer_inputs, rope_tables,
                                      supported)
-from opbench.timing import RunSettings, check, measure
-from opbench.workload import Plan
+from opbench.measure.timing import RunSettings, check, measure
+from opbench.spec.plan import Plan
 
 WHOLE_MODEL_MAX_PARAMS = 1e9  # whole models are timed only when small (the tiny model on a CPU)
 EXCLUDED_MODULES = ("communication", "optimizer")  # one GPU's unit runs neither

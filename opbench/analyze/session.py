@@ -8,16 +8,18 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from opbench.comm_model import PROFILES as FABRICS
-from opbench.comm_model import Fit
-from opbench.compose import Composer, MissingMeasurement, measurement
-from opbench.estimate import TrainOptions, estimate_from, fewest_gpus, idealized_runtime
-from opbench.models import get_model
-from opbench.peaks import datasheet_for
-from opbench.runs import Run, RunError, device_label, load_run, used_gpu
-from opbench.summary import composition_lines, format_seconds
-from opbench.validation import composed_s
-from opbench.workload import PHASES, Plan, Workload, plan
+from opbench.analyze.alphabeta import PROFILES as FABRICS
+from opbench.analyze.alphabeta import Fit
+from opbench.analyze.compose import Composer, MissingMeasurement, measurement
+from opbench.analyze.estimate import TrainOptions, estimate_from, fewest_gpus, idealized_runtime
+from opbench.spec.models import get_model
+from opbench.measure.peaks import datasheet_for
+from opbench.analyze.runs import Run, RunError, device_label, load_run, used_gpu
+from opbench.text import format_seconds
+from opbench.measure.summary import composition_lines
+from opbench.measure.units import composed_s
+from opbench.spec.workload import PHASES, Workload
+from opbench.spec.plan import Plan, plan
 
 
 def compose_session(plans: Iterable[Plan], infos: Iterable[dict], policy: str = "fastest",

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from opbench.ops import FAMILIES, get_family
-from opbench.workload import Plan
+from opbench.spec.plan import Plan
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from opbench.hardware import energy_meter
+from opbench.measure.hardware import energy_meter
 
 REPLAY_TARGET_S = 1e-3  # a graph replay (or a CPU round) lasts at least this long...
 MAX_UNROLL = 64  # ...unless that would need more calls than this in one replay

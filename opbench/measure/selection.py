@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from opbench.dtypes import get_dtype
-from opbench.models import ConfigError, ModelConfig, get_model
-from opbench.workload import Plan, PlanError, parse_workload, plan
+from opbench.ops.dtypes import get_dtype
+from opbench.spec.models import ConfigError, ModelConfig, get_model
+from opbench.spec.workload import PlanError, parse_workload
+from opbench.spec.plan import Plan, plan
 
 
 @dataclass(frozen=True)

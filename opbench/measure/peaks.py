@@ -10,8 +10,8 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 
-from opbench.runs import RunError, device_label, load_run, used_gpu
-from opbench.summary import format_seconds, table_lines
+from opbench.analyze.runs import RunError, device_label, load_run, used_gpu
+from opbench.text import format_seconds, table_lines
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,13 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from opbench.cases import case_dtype
-from opbench.comm_model import AlphaBeta, get_profile, predict
-from opbench.dtypes import get_dtype
+from opbench.measure.cases import case_dtype
+from opbench.analyze.alphabeta import AlphaBeta, get_profile, predict
+from opbench.ops.dtypes import get_dtype
 from opbench.ops import FAMILIES, get_family
 from opbench.ops.base import shape_dict
 from opbench.ops.collective import COLLECTIVES
-from opbench.workload import Plan
+from opbench.spec.plan import Plan
 
 SOURCES = ("measured", "interpolated", "modeled")
 

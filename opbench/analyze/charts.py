@@ -6,10 +6,10 @@ import io
 import re
 from dataclasses import dataclass
 
-from opbench.breakdown import Breakdown
-from opbench.compose import MODULE_ORDER
-from opbench.roofline import Ceilings
-from opbench.summary import format_seconds
+from opbench.analyze.breakdown import Breakdown
+from opbench.analyze.compose import MODULE_ORDER
+from opbench.analyze.roofline import Ceilings
+from opbench.text import format_seconds
 
 # Colour-blind-safe sets, one for op families (Okabe-Ito, by name) and another for modules (Paul Tol's
 # bright, in MODULE_ORDER), so that a colour never means both an op and a module on one page.

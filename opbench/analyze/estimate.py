@@ -7,10 +7,11 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
-from opbench.compose import Breakdown, CallTime, Composer
-from opbench.dtypes import DTYPES
-from opbench.models import ModelConfig
-from opbench.workload import Workload, plan
+from opbench.analyze.compose import Breakdown, CallTime, Composer
+from opbench.ops.dtypes import DTYPES
+from opbench.spec.models import ModelConfig
+from opbench.spec.workload import Workload
+from opbench.spec.plan import plan
 
 HELM_PROMPT_TOKENS = (1, 16, 32, 64, 128, 256, 512, 1024, 1536, 2048)
 

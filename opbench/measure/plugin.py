@@ -14,18 +14,19 @@ from dataclasses import dataclass, field
 import pytest
 
 from opbench import __version__
-from opbench.cases import Case, build_cases
-from opbench.distributed import QuietRank, is_reporting_rank
-from opbench.harness import run_case
-from opbench.hardware import energy_unavailable, gpu_info, software_versions, stable_facts, torch_gpu_name
+from opbench.measure.cases import Case, build_cases
+from opbench.dist.world import is_reporting_rank
+from opbench.measure.bench_adapter import silence_rank
+from opbench.measure.runner import run_case
+from opbench.measure.hardware import energy_unavailable, gpu_info, software_versions, stable_facts, torch_gpu_name
 from opbench.ops import FAMILIES, get_family
-from opbench.peaks import datasheet_for
-from opbench.roofline import add_roofline
-from opbench.selection import PROFILES, Selection, SelectionError, select
-from opbench.results import compose_session
-from opbench.summary import composition_lines, summary_lines
-from opbench.timing import RunSettings
-from opbench.validation import UnitCase, run_unit_case
+from opbench.measure.peaks import datasheet_for
+from opbench.analyze.roofline import add_roofline
+from opbench.measure.selection import PROFILES, Selection, SelectionError, select
+from opbench.analyze.session import compose_session
+from opbench.measure.summary import composition_lines, summary_lines
+from opbench.measure.timing import RunSettings
+from opbench.measure.units import UnitCase, run_unit_case
 
 
 @dataclass
@@ -110,7 +111,7 @@ def pytest_configure(config):
     config._opbench = _State(selection, settings)
     config.addinivalue_line("markers", "opbench: a case measured by opbench")
     if not is_reporting_rank():  # under torchrun every rank runs pytest; rank 0 alone reports
-        config.pluginmanager.register(QuietRank(), "opbench-quiet-rank")
+        silence_rank(config)
 
 
 def pytest_generate_tests(metafunc):

@@ -1,12 +1,12 @@
 """The module-wise breakdowns a report draws: the run's composed breakdowns (opbench.breakdowns,
-written by opbench.results), read back as small records."""
+written by opbench.analyze.session), read back as small records."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from opbench.compose import MODULE_ORDER
-from opbench.runs import Run
+from opbench.analyze.compose import MODULE_ORDER
+from opbench.analyze.runs import Run
 
 
 @dataclass(frozen=True)

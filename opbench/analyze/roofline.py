@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from opbench.peaks import MeasuredPeaks, datasheet_for, measured_peaks
-from opbench.runs import Run, device_label, used_gpu
+from opbench.measure.peaks import MeasuredPeaks, datasheet_for, measured_peaks
+from opbench.analyze.runs import Run, device_label, used_gpu
 
 
 @dataclass(frozen=True)

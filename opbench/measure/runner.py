@@ -7,12 +7,12 @@ import zlib
 import pytest
 import torch
 
-from opbench.cases import Case
-from opbench.dtypes import get_dtype
-from opbench.hardware import watch_clocks
+from opbench.measure.cases import Case
+from opbench.ops.dtypes import get_dtype
+from opbench.measure.hardware import watch_clocks
 from opbench.ops import get_family
 from opbench.ops.base import shape_dict
-from opbench.timing import RunSettings, check, measure
+from opbench.measure.timing import RunSettings, check, measure
 
 
 def is_oom(error: BaseException) -> bool:

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from opbench.hardware import stable_facts
+from opbench.measure.hardware import stable_facts
 
 EXPECTED = ("expected a pytest-benchmark JSON of opbench's bench/ suite "
             "(pytest bench/ --benchmark-json=FILE, or a run saved with --benchmark-save)")
@@ -88,7 +88,7 @@ def _measurement(bench: dict) -> Measurement | None:
     if "op" not in info:
         return None  # not an opbench case (a plain pytest-benchmark test in the same session)
     if info["op"] in UNITS:
-        return None  # a layer or model timed whole: a check of composition (opbench.validation), not a case
+        return None  # a layer or model timed whole: a check of composition (opbench.measure.units), not a case
     missing = [k for k in _IDENTITY if k not in info] + [f"stats.{k}" for k in _STATS if k not in stats]
     if missing:
         raise ValueError(f"its benchmark {bench.get('name', '?')!r} lacks {', '.join(missing)}")

@@ -1,0 +1,1 @@
+"""What a run adds up to: loading runs, composition, estimates, comparison, roofline, report."""

@@ -1,0 +1,1 @@
+"""How it is measured: the pytest plugin, selection, cases, the runner, clocks, the gate, peaks, units."""

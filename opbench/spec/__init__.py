@@ -1,0 +1,1 @@
+"""What is run: model configurations (zoo and config.json), workloads, and plan()."""

@@ -1,0 +1,73 @@
+"""Workloads: what a model is asked to do (phase, batch, lengths, parallelism, dtype), and their grammar."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from opbench.ops.dtypes import DTYPES
+
+PHASES = ("prefill", "decode", "train", "finetune")
+
+
+class PlanError(ValueError):
+    """A workload that cannot run on a model (bad sizes, a tensor-parallel degree that does not fit)."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    phase: str  # prefill | decode | train | finetune (LoRA on frozen weights)
+    batch: int  # sequences (train: the micro-batch)
+    seq_len: int  # prefill: prompt length; decode: context length incl. the new token; train: sequence length
+    tp: int = 1  # tensor-parallel degree
+    dtype: str = "bf16"
+    lora_rank: int = 16  # finetune only
+    min_context: int = 0  # decode only: 0, every context is seq_len; else contexts spread from min_context to seq_len
+
+    def __post_init__(self) -> None:
+        if self.phase not in PHASES:
+            raise PlanError(f"unknown phase {self.phase!r} (known: {', '.join(PHASES)})")
+        for name in ("batch", "seq_len", "tp", "lora_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise PlanError(f"workload {name} must be a positive integer, got {value!r}")
+        if self.dtype not in DTYPES:
+            raise PlanError(f"unknown dtype {self.dtype!r} (known: {', '.join(DTYPES)})")
+        if self.min_context and (self.phase != "decode" or not 0 < self.min_context <= self.seq_len):
+            raise PlanError(f"min_context {self.min_context!r}: a decode batch's shortest context, in [1, seq_len]")
+
+    @property
+    def label(self) -> str:
+        lora = f",r={self.lora_rank}" if self.phase == "finetune" else ""
+        spread = f",smin={self.min_context}" if self.min_context else ""
+        return f"{self.phase}:b={self.batch},s={self.seq_len}{spread},tp={self.tp}{lora}"
+
+    @property
+    def training(self) -> bool:
+        return self.phase in ("train", "finetune")
+
+
+_WORKLOAD_KEYS = {"b": "batch", "s": "seq_len", "tp": "tp", "r": "lora_rank", "smin": "min_context"}
+
+
+def parse_workload(text: str, dtype: str = "bf16") -> Workload:
+    """'prefill:b=1,s=2048,tp=8'. b: batch, s: prompt / context / sequence length, tp, r: LoRA rank,
+    smin: a decode batch's shortest context (contexts spread evenly from smin to s)."""
+    m = re.fullmatch(r"\s*(\w+)\s*:\s*(.*?)\s*", text)
+    if not m:
+        raise PlanError(f"workload {text!r}: expected PHASE:b=BATCH,s=LENGTH[,smin=LENGTH][,tp=N][,r=RANK]")
+    phase, rest = m.groups()
+    values: dict[str, int] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in _WORKLOAD_KEYS:
+            raise PlanError(f"workload {text!r}: unknown key {key!r} (keys: {', '.join(_WORKLOAD_KEYS)})")
+        try:
+            values[_WORKLOAD_KEYS[key]] = int(value)
+        except ValueError:
+            raise PlanError(f"workload {text!r}: {key} must be an integer, got {value.strip()!r}") from None
+    missing = [k for k, name in _WORKLOAD_KEYS.items() if k in ("b", "s") and name not in values]
+    if missing:
+        raise PlanError(f"workload {text!r}: missing {' and '.join(missing)}")
+    return Workload(phase=phase, dtype=dtype, **values)

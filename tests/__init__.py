@@ -1,0 +1,1 @@
+"""The project's own tests; they all run on a machine without a GPU."""
