@@ -6,10 +6,25 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from opbench.dist.collectives import collective_cases, run_collective_case, summary_lines
 from opbench.analyze.alphabeta import Fit, fit_all
-from opbench.dist.world import (DEFAULT_TIMEOUT_S, DistributedError, Launch, World, finish, is_reporting_rank,
-                                 launch_layout, start, stop)
+from opbench.dist.collectives import (
+    collective_cases,
+    run_collective_case,
+    summary_lines,
+)
+from opbench.dist.world import (
+    DEFAULT_TIMEOUT_S,
+    DistributedError,
+    Launch,
+    World,
+    finish,
+    is_reporting_rank,
+    launch_layout,
+    start,
+    stop,
+)
+from opbench.measure.plugin import state
+from opbench.record import CollectiveCase
 
 
 @dataclass
@@ -19,13 +34,13 @@ class _Run:
     backend: str
     timeout_s: float
     world: World | None = None
-    timed: list[dict] = field(default_factory=list)  # extra_info of each timed case
+    timed: list[CollectiveCase] = field(default_factory=list)  # each timed case's record
 
     def layout(self) -> dict:
         return self.world.layout() if self.world else launch_layout(self.launch) | {"backend": self.backend}
 
     def fits(self) -> list[Fit]:
-        return fit_all((i["op"], i["dtype"], i["backend"], i["world"], i["bytes"], i["median_s"]) for i in self.timed)
+        return fit_all((r.op, r.dtype, r.backend, r.world, r.bytes, r.median_s) for r in self.timed)
 
 
 _RUN = pytest.StashKey[_Run]()
@@ -40,7 +55,7 @@ def pytest_addoption(parser):
 
 @pytest.hookimpl(trylast=True)  # after the opbench plugin has chosen the device
 def pytest_configure(config):
-    backend = "nccl" if config._opbench.settings.device == "cuda" else "gloo"
+    backend = "nccl" if state(config).settings.device == "cuda" else "gloo"
     config.stash[_RUN] = _Run(Launch.from_env(), backend, config.option.dist_timeout)
 
 
@@ -53,7 +68,7 @@ def pytest_generate_tests(metafunc):
     if "collective" not in metafunc.fixturenames:
         return
     run = metafunc.config.stash[_RUN]
-    cases = collective_cases(metafunc.config._opbench.selection, run.launch.world_size, run.backend)
+    cases = collective_cases(state(metafunc.config).selection, run.launch.world_size, run.backend)
     metafunc.parametrize("collective", cases, ids=[f"{c.op}-{c.id}" for c in cases])
 
 
@@ -61,7 +76,7 @@ def pytest_generate_tests(metafunc):
 def world(request) -> World:
     run = request.config.stash[_RUN]
     try:
-        run.world = start(run.launch, request.config._opbench.settings.device, run.timeout_s)
+        run.world = start(run.launch, state(request.config).settings.device, run.timeout_s)
         run.world.check_same_tests(item.nodeid for item in request.session.items)
     except DistributedError as error:
         stop(str(error), request.config)
@@ -76,11 +91,11 @@ def measure_collective(benchmark, world, request):
 
     def measure(case) -> None:
         try:
-            run_collective_case(benchmark, case, request.config._opbench.settings, world)
+            record = run_collective_case(benchmark, case, state(request.config).settings, world)
         except DistributedError as error:
             stop(str(error), request.config)
-        if benchmark.stats is not None:
-            run.timed.append(dict(benchmark.extra_info))
+        if record.timed:
+            run.timed.append(record)
     return measure
 
 

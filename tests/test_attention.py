@@ -11,7 +11,7 @@ from opbench.spec.models import get_model
 from opbench.ops.attention import (
     ATTENTION, AttentionShape, attended_pairs, bytes_moved, context_lens, flops, sdpa_masking, shape_id, visible,
 )
-from opbench.measure.timing import check
+from opbench.measure.gate import check
 from opbench.spec.workload import PlanError, parse_workload
 from opbench.spec.plan import plan
 

@@ -5,7 +5,7 @@ import torch
 
 from opbench.ops.dtypes import DTYPES
 from opbench.ops.gemm import GEMM, GemmShape, bytes_moved, flops, inputs
-from opbench.measure.timing import check
+from opbench.measure.gate import check
 
 
 def test_flops_and_bytes_by_hand():

@@ -3,7 +3,7 @@ import pytest
 from opbench.ops.dtypes import DTYPES
 from opbench.spec.models import ZOO
 from opbench.ops.kvcache import KV_WRITE, KVWriteShape, bytes_moved, flops
-from opbench.measure.timing import check
+from opbench.measure.gate import check
 from opbench.spec.workload import Workload
 from opbench.spec.plan import plan
 

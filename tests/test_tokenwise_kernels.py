@@ -16,7 +16,7 @@ from opbench.kernels.rotary import rotary
 from opbench.ops.dtypes import get_dtype
 from opbench.ops import get_family, norm
 from opbench.ops.tokenwise import RotaryShape, RowsShape, VocabShape
-from opbench.measure.timing import check
+from opbench.measure.gate import check
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 WIDTHS = (4095, 5120, 14336)

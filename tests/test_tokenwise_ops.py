@@ -13,7 +13,7 @@ from opbench.spec.models import get_model
 from opbench.ops import FAMILIES, activation, embedding, get_family, norm, optim, rotary
 from opbench.ops.tokenwise import ParamsShape, RotaryShape, RowsShape, VocabShape
 from opbench.measure.selection import select
-from opbench.measure.timing import check
+from opbench.measure.gate import check
 from opbench.spec.workload import parse_workload
 from opbench.spec.plan import plan
 

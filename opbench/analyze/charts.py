@@ -6,7 +6,7 @@ import io
 import re
 from dataclasses import dataclass
 
-from opbench.analyze.breakdown import Breakdown
+from opbench.analyze.compose import Breakdown
 from opbench.analyze.compose import MODULE_ORDER
 from opbench.analyze.roofline import Ceilings
 from opbench.text import format_seconds
@@ -118,10 +118,10 @@ def breakdown_svg(rows: list[Breakdown]) -> str:
     rows = measured[:MAX_BARS]
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.38 * max(len(rows), 1)))
     colours = module_colours()
-    labels = [b.plan for b in rows]
+    labels = [b.plan.name for b in rows]
     left = [0.0] * len(rows)
     for module, colour in colours.items():
-        shares = [b.modules_s.get(module, 0.0) / b.total_s for b in rows]
+        shares = [b.modules_s().get(module, 0.0) / b.total_s for b in rows]
         if any(shares):
             bars = ax.barh(labels, shares, left=left, color=colour, label=module, height=0.7)
             for y, bar in enumerate(bars):  # ids are unique on the page: module and row

@@ -1,30 +1,39 @@
 """`opbench compare BASE NEW [NEW ...]`: per-case speed changes between runs, regressions flagged.
 
-Cases are matched by identity (op, shape, dtype, backend, pass). A case is a regression only when
-its median got slower by more than the threshold AND the interquartile ranges (q1..q3) of the two
-runs' rounds do not overlap: the IQR, unlike min..max, ignores the odd preempted round, yet a shift
-that leaves the middle halves of the rounds overlapping is within what the runs' own noise spans.
-A regression or improvement in a case that ran thermally or power throttled in either run is listed
-as throttled instead: it is the card's state that changed, not necessarily the kernel.
+Cases are matched by identity (op, shape, dtype, backend, pass). A change of a case's median beyond
+the threshold is a regression (or an improvement) only when all of these hold:
+- the interquartile ranges (q1..q3) of the two runs' rounds do not overlap;
+- both records are stable (their medians' confidence intervals are tight): otherwise "ambiguous",
+  as nvbench's robust compare has it;
+- it stands out of the run-wide drift: between two runs a machine moves every case a little (clocks,
+  the host's load), so the change is taken against the median change of all matched cases and must
+  exceed the cases' own spread of changes (three robust standard deviations) and --noise;
+- neither run was throttled during the case ("throttled"), and where both records carry the SM
+  clock, the change holds in cycles (time x clock) too ("clock": the card's clock moved, not the
+  kernel).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 from dataclasses import dataclass
 
 from opbench.analyze.roofline import Ceilings, bound, run_ceilings
-from opbench.analyze.runs import Measurement, Run, environment_diff, load_run, resolve_run
+from opbench.analyze.runs import Run, environment_diff, label, load_run, resolve_run
+from opbench.record import OpCase
 from opbench.text import format_seconds, table_lines
 
 DEFAULT_THRESHOLD_PCT = 5.0
+ROBUST_Z = 3.0  # a case stands out of the run-wide drift beyond this many robust standard deviations
 
 
 @dataclass(frozen=True)
 class Change:
-    base: Measurement
-    new: Measurement
-    verdict: str  # regression | improvement | throttled | noise | same
+    base: OpCase
+    new: OpCase
+    verdict: str  # regression | improvement | throttled | clock | ambiguous | same
 
     @property
     def change(self) -> float:
@@ -36,17 +45,56 @@ class Change:
         return self.base.median_s / self.new.median_s
 
 
-def verdict(base: Measurement, new: Measurement, threshold: float) -> str:
+@dataclass(frozen=True)
+class Drift:
+    """How the whole run moved: the median log change of the matched cases and its robust spread."""
+    log_shift: float = 0.0
+    log_sigma: float = 0.0  # 1.4826 x the median absolute deviation of the log changes
+
+    @classmethod
+    def of(cls, pairs: list[tuple[OpCase, OpCase]]) -> Drift:
+        logs = [math.log(n.median_s / b.median_s) for b, n in pairs if b.median_s and n.median_s]
+        if len(logs) < 5:  # too few cases to tell a machine's drift from a change
+            return cls()
+        shift = statistics.median(logs)
+        return cls(shift, 1.4826 * statistics.median(abs(x - shift) for x in logs))
+
+
+def _quartiles(m: OpCase) -> tuple[float, float]:
+    return (m.stability.q1_s, m.stability.q3_s) if m.stability else (m.median_s, m.median_s)
+
+
+def _throttled(m: OpCase) -> tuple[str, ...]:
+    return m.gpu.throttled if m.gpu else ()
+
+
+def _cycles_change(base: OpCase, new: OpCase) -> float | None:
+    """The change in cycles (time x mean SM clock), where both records carry the clock."""
+    bc, nc = (m.gpu.sm_clock_mhz if m.gpu else None for m in (base, new))
+    if not bc or not nc:
+        return None
+    return (new.median_s * nc) / (base.median_s * bc) - 1
+
+
+def verdict(base: OpCase, new: OpCase, threshold: float, drift: Drift = Drift(), noise: float = 0.0) -> str:
     change = new.median_s / base.median_s - 1
-    slower = change > threshold and new.q1_s > base.q3_s
-    faster = change < -threshold and new.q3_s < base.q1_s
-    if (slower or faster) and (base.throttled or new.throttled):
+    (bq1, bq3), (nq1, nq3) = _quartiles(base), _quartiles(new)
+    beyond = abs(change) > max(threshold, noise)
+    apart = nq1 > bq3 if change > 0 else nq3 < bq1
+    if not beyond:
+        return "same"
+    if not apart:
+        return "ambiguous"  # beyond the threshold, within the rounds' own spread
+    if not (base.stability and base.stability.stable and new.stability and new.stability.stable):
+        return "ambiguous"
+    if abs(math.log(1 + change) - drift.log_shift) <= max(ROBUST_Z * drift.log_sigma, math.log(1 + threshold)):
+        return "ambiguous"  # the whole run moved about as much
+    if _throttled(base) or _throttled(new):
         return "throttled"
-    if slower:
-        return "regression"
-    if faster:
-        return "improvement"
-    return "noise" if abs(change) > threshold else "same"
+    cycles = _cycles_change(base, new)
+    if cycles is not None and abs(cycles) <= threshold:
+        return "clock"
+    return "regression" if change > 0 else "improvement"
 
 
 @dataclass(frozen=True)
@@ -55,8 +103,9 @@ class Comparison:
     new: Run
     threshold: float  # a fraction: 0.05 is 5%
     changes: tuple[Change, ...]
-    only_base: tuple[Measurement, ...]
-    only_new: tuple[Measurement, ...]
+    only_base: tuple[OpCase, ...]
+    only_new: tuple[OpCase, ...]
+    drift: Drift = Drift()
     environment: list[tuple[str, str | None, str | None]]  # the facts that differ
 
     def of(self, kind: str) -> list[Change]:
@@ -67,26 +116,28 @@ class Comparison:
         return self.of("regression")
 
 
-def _by_key(run: Run) -> dict[tuple, Measurement]:
-    cases: dict[tuple, Measurement] = {}
+def _by_key(run: Run) -> dict[tuple, OpCase]:
+    cases: dict[tuple, OpCase] = {}
     for m in run.measurements:
         cases.setdefault(m.key, m)  # one run holds each identity once; keep the first if not
     return cases
 
 
-def compare_runs(base: Run, new: Run, threshold: float = DEFAULT_THRESHOLD_PCT / 100) -> Comparison:
+def compare_runs(base: Run, new: Run, threshold: float = DEFAULT_THRESHOLD_PCT / 100, noise: float = 0.0) -> Comparison:
     a, b = _by_key(base), _by_key(new)
-    changes = tuple(Change(a[k], b[k], verdict(a[k], b[k], threshold)) for k in a if k in b)
+    drift = Drift.of([(a[k], b[k]) for k in a if k in b])
+    changes = tuple(Change(a[k], b[k], verdict(a[k], b[k], threshold, drift, noise)) for k in a if k in b)
     return Comparison(base, new, threshold, changes, tuple(a[k] for k in a if k not in b),
-                      tuple(b[k] for k in b if k not in a), environment_diff(base.machine_info, new.machine_info))
+                      tuple(b[k] for k in b if k not in a), environment_diff(base.machine_info, new.machine_info),
+                      drift)
 
 
 def share_pct(share: float) -> str:
     return f"{share:.0%}" if share >= 0.01 else "<1%"
 
 
-def _share(m: Measurement, ceil: Ceilings | None) -> str:
-    case_bound = bound(m.info, ceil)
+def _share(m: OpCase, ceil: Ceilings | None) -> str:
+    case_bound = bound(m, ceil)
     return share_pct(case_bound.share) if case_bound else "-"
 
 
@@ -96,18 +147,20 @@ def change_rows(c: Comparison, changes: list[Change]) -> list[tuple]:
     roofline = ceil_base is not None or ceil_new is not None
     rows = [("case", "base median", "new median", "change", "base IQR", "new IQR", "roofline", "throttled")]
     for ch in sorted(changes, key=lambda ch: -abs(ch.change)):
-        rows.append((ch.base.label, format_seconds(ch.base.median_s), format_seconds(ch.new.median_s),
+        rows.append((label(ch.base), format_seconds(ch.base.median_s), format_seconds(ch.new.median_s),
                      f"{ch.change:+.1%} (x{ch.speedup:.3g})",
-                     f"{format_seconds(ch.base.q1_s)}..{format_seconds(ch.base.q3_s)}",
-                     f"{format_seconds(ch.new.q1_s)}..{format_seconds(ch.new.q3_s)}",
+                     "..".join(map(format_seconds, _quartiles(ch.base))),
+                     "..".join(map(format_seconds, _quartiles(ch.new))),
                      f"{_share(ch.base, ceil_base)} -> {_share(ch.new, ceil_new)}",
-                     ", ".join(sorted(set(ch.base.throttled) | set(ch.new.throttled))) or "-"))
+                     ", ".join(sorted(set(_throttled(ch.base)) | set(_throttled(ch.new)))) or "-"))
     return rows if roofline else [row[:6] + row[7:] for row in rows]
 
 
 SECTIONS = (("regression", "regressions"), ("improvement", "improvements"),
             ("throttled", "throttled in either run, not counted as regressions"),
-            ("noise", "beyond the threshold but within the runs' spread"), ("same", "unchanged"))
+            ("clock", "the same in cycles: the SM clock moved, not the kernel"),
+            ("ambiguous", "beyond the threshold but unstable, within the rounds' spread or the run's drift"),
+            ("same", "unchanged"))
 
 
 def format_comparison(c: Comparison, show_all: bool = False) -> list[str]:
@@ -120,20 +173,21 @@ def format_comparison(c: Comparison, show_all: bool = False) -> list[str]:
     else:
         lines.append("environment: no difference in driver, CUDA, software, GPU, clocks or host")
     lines.append(f"rule: a regression is a median more than {c.threshold:.0%} slower whose interquartile range "
-                 "(q1..q3 of the rounds) does not overlap the base's")
+                 "(q1..q3 of the rounds) does not overlap the base's, in stable records, beyond the run-wide drift "
+                 f"(median change {math.expm1(c.drift.log_shift):+.1%}, spread {c.drift.log_sigma:.1%})")
     ceil_base, ceil_new = run_ceilings(c.base), run_ceilings(c.new)
     if ceil_base or ceil_new:
         lines.append(f"roofline shares: base's ceilings {ceil_base.source if ceil_base else 'unknown'}; "
                      f"new's {ceil_new.source if ceil_new else 'unknown'}")
     for kind, title in SECTIONS:
         changes = c.of(kind)
-        if changes and (show_all or kind not in ("noise", "same")):
+        if changes and (show_all or kind not in ("ambiguous", "same")):
             lines.append(f"{title} ({len(changes)}):")
             lines += table_lines(change_rows(c, changes), indent="  ")
     for title, cases in (("only in base", c.only_base), ("only in new", c.only_new)):
         if cases:
             lines.append(f"{title} ({len(cases)}):")
-            lines += [f"  {m.label}" for m in cases]
+            lines += [f"  {label(m)}" for m in cases]
     counts = ", ".join(f"{kind}: {len(c.of(kind))}" for kind, _ in SECTIONS)
     lines.append(f"{len(c.changes)} cases matched: {counts}; {len(c.only_base)} only in base, "
                  f"{len(c.only_new)} only in new")
@@ -157,7 +211,10 @@ def add_command(sub) -> None:
     p.add_argument("--storage", metavar="DIR",
                    help="a pytest-benchmark storage folder (--benchmark-storage) in which BASE and NEW name runs "
                         "by id (0001), saved name, or MACHINE-ID/0001")
-    p.add_argument("--all", action="store_true", help="also list the unchanged cases and those within noise")
+    p.add_argument("--noise", type=threshold_pct, default=0.0, metavar="PCT",
+                   help="the between-run drift this machine is known to show: no change within it is a regression "
+                        "(default 0: the comparison learns the drift from the run-wide spread of changes)")
+    p.add_argument("--all", action="store_true", help="also list the unchanged and the ambiguous cases")
     p.set_defaults(func=run_command)
 
 
@@ -166,7 +223,7 @@ def run_command(args) -> int:
     news = [load_run(resolve_run(spec, args.storage)) for spec in args.new]
     status = 0
     for new in news:
-        comparison = compare_runs(base, new, args.threshold / 100)
+        comparison = compare_runs(base, new, args.threshold / 100, args.noise / 100)
         print("\n".join(format_comparison(comparison, args.all)), end="\n\n")
         status = status or int(bool(comparison.regressions))
     return status

@@ -23,6 +23,7 @@ from opbench.ops.dtypes import get_dtype
 from opbench.ops import FAMILIES, get_family
 from opbench.ops.base import shape_dict
 from opbench.ops.collective import COLLECTIVES
+from opbench.record import OpCase
 from opbench.spec.plan import Plan
 
 SOURCES = ("measured", "interpolated", "modeled")
@@ -38,41 +39,14 @@ class MissingMeasurement(LookupError):
     """A plan needs an op that the run measured in no form."""
 
 
-@dataclass(frozen=True)
-class Measurement:
-    op: str
-    shape: tuple[tuple[str, int], ...]  # sorted (field, value) pairs
-    dtype: str
-    pass_: str
-    backend: str
-    time_s: float  # median per call
-    flops: int
-    bytes: int
-    energy_j: float | None = None  # per call, where the run read the energy counter
-
-    @property
-    def fields(self) -> dict[str, int]:
-        return dict(self.shape)
-
-
 def shape_key(shape) -> tuple[tuple[str, int], ...]:
     """A hashable, order-free form of a shape record or a shape dict."""
     items = shape.items() if isinstance(shape, dict) else shape_dict(shape).items()
     return tuple(sorted((k, int(v)) for k, v in items))
 
 
-def measurement(info: dict) -> Measurement | None:
-    """The measurement an op case's extra_info records; None for other cases (units, untimed)."""
-    if "shape" not in info or info.get("median_s") is None:
-        return None
-    return Measurement(info["op"], shape_key(info["shape"]), info["dtype"], info["pass"], info["backend"],
-                       info["median_s"], info["flops"], info["bytes"], info.get("energy_j"))
-
-
-def measurements_from_run(run: dict) -> list[Measurement]:
-    """The timed op cases of a pytest-benchmark JSON written by opbench."""
-    found = (measurement(bench.get("extra_info") or {}) for bench in run.get("benchmarks", []))
-    return [m for m in found if m is not None]
+def _energy_j(m: OpCase) -> float | None:
+    return m.energy.j_per_call if m.energy else None
 
 
 # Backend policies: which backends a composition may pick from.
@@ -136,6 +110,10 @@ class Breakdown:
             out[c.module] += c.count * c.time_s * (self.plan.model.layers if c.scope == "layer" else 1)
         return dict(out)
 
+    @property
+    def not_measured(self) -> int:
+        return sum(1 for c in self.calls if c.source != "measured")
+
     def sources(self) -> dict[str, int]:
         counts = dict.fromkeys(SOURCES, 0)
         for c in self.calls:
@@ -152,25 +130,38 @@ class Breakdown:
             "modules": {m: {"time_s": t, "share": t / total if total else 0.0} for m, t in self.modules_s().items()},
             "sources": self.sources(),
             "calls": [{"role": c.role, "op": c.op, "pass": c.pass_, "count": c.count, "scope": c.scope,
-                       "time_s": c.time_s, "source": c.source, "backend": c.backend} for c in self.calls],
+                       "time_s": c.time_s, "source": c.source, "backend": c.backend, "energy_j": c.energy_j}
+                      for c in self.calls],
         }
+
+    @classmethod
+    def from_dict(cls, d: dict, plan: Plan) -> Breakdown:
+        """A breakdown as the JSON's opbench.breakdowns holds it, for its plan."""
+        return cls(plan, tuple(CallTime(c["role"], c["op"], c["pass"], c["count"], c["scope"], c["time_s"], c["source"],
+                                        c["backend"], c.get("energy_j")) for c in d["calls"]))
+
+
+def run_breakdowns(section: dict) -> list[Breakdown]:
+    """The breakdowns a run composed (its opbench section), read back with their plans."""
+    plans = {p.name: p for p in map(Plan.from_dict, section.get("plans") or ())}
+    return [Breakdown.from_dict(b, plans[b["plan"]]) for b in section.get("breakdowns") or () if b["plan"] in plans]
 
 
 class Composer:
     """Looks up, interpolates or models the time of op calls from one run's measurements."""
 
-    def __init__(self, measurements: Iterable[Measurement], policy: str = "fastest",
+    def __init__(self, measurements: Iterable[OpCase], policy: str = "fastest",
                  fits: Iterable[AlphaBeta] = (), fabric: str = "h100-nvlink-ring"):
         """fits: alpha-beta fits of a collectives run, used before the fabric profile."""
         self.policy = policy
         self.fits = {f.op: f for f in fits}
         self.fabric = get_profile(fabric)
         allowed = backend_filter(policy)
-        self.measurements = [m for m in measurements if allowed(m.backend)]
-        self._exact: dict[tuple, Measurement] = {}
+        self.measurements = [m for m in measurements if m.kind == "op" and m.timed and allowed(m.backend)]
+        self._exact: dict[tuple, OpCase] = {}
         for m in self.measurements:
-            key = (m.op, m.shape, m.dtype, m.pass_)
-            if key not in self._exact or m.time_s < self._exact[key].time_s:
+            key = (m.op, shape_key(m.shape), m.dtype, m.pass_)
+            if key not in self._exact or m.median_s < self._exact[key].median_s:
                 self._exact[key] = m
         self._fits: dict[tuple, tuple[float, float]] = {}
 
@@ -180,7 +171,7 @@ class Composer:
         key = shape_key(shape)
         exact = self._exact.get((op, key, dtype, pass_))
         if exact is not None:
-            return exact.time_s, "measured", exact.backend, exact.energy_j
+            return exact.median_s, "measured", exact.backend, _energy_j(exact)
         interpolated = self._interpolate(op, key, dtype, pass_)
         if interpolated is not None:
             return interpolated + (None,)
@@ -202,12 +193,12 @@ class Composer:
             for m in self.measurements:
                 if (m.op, m.dtype, m.pass_, m.backend) != (op, dtype, pass_, backend):
                     continue
-                fields = m.fields
+                fields = m.shape
                 if fields.keys() != target.keys():
                     continue
                 differ = [k for k in target if fields[k] != target[k]]
                 if len(differ) == 1:
-                    sweeps[differ[0]].append((fields[differ[0]], m.time_s))
+                    sweeps[differ[0]].append((fields[differ[0]], m.median_s))
             for name, points in sweeps.items():
                 t = _interpolate_linear(sorted(points), target[name])
                 if t is not None and (best is None or t < best[0]):
@@ -229,7 +220,7 @@ class Composer:
         if key not in self._fits:
             # the fastest backend of each measured case, as composition itself picks
             cases = [m for m in self._exact.values() if m.op == op and (dtype is None or m.dtype == dtype)]
-            self._fits[key] = fit_roofline([(m.flops, m.bytes, m.time_s) for m in cases]) if cases else None
+            self._fits[key] = fit_roofline([(m.flops, m.bytes, m.median_s) for m in cases]) if cases else None
         return self._fits[key]
 
     def compose(self, plan: Plan) -> Breakdown:

@@ -13,13 +13,14 @@ from collections import defaultdict
 from pathlib import Path
 
 from opbench import __version__
-from opbench.analyze.breakdown import Breakdown, breakdowns
 from opbench.analyze.charts import Point, breakdown_svg, module_colours, roofline_svg
 from opbench.analyze.compare import (DEFAULT_THRESHOLD_PCT, SECTIONS, Comparison, change_rows, compare_runs, share_pct,
                              threshold_pct)
 from opbench.measure.peaks import comparison_rows, datasheet_for, measured_peaks
 from opbench.analyze.roofline import Ceilings, bound, run_ceilings
-from opbench.analyze.runs import Measurement, Run, device_label, environment, load_run, resolve_run, used_gpu
+from opbench.analyze.compose import Breakdown, run_breakdowns
+from opbench.analyze.runs import Run, device_label, environment, label, load_run, resolve_run, used_gpu
+from opbench.record import OpCase
 from opbench.text import format_seconds, roles_cell
 
 CSS = """
@@ -74,9 +75,7 @@ def _comparison_html(c: Comparison) -> str:
 
 
 def _points(run: Run) -> list[Point]:
-    return [Point(m.op, m.dtype, m.info["flops"] / m.info["bytes"], m.info["flops"] / m.median_s / 1e12)
-            for m in run.measurements
-            if not m.info.get("peak") and m.info.get("flops") and m.info.get("bytes")]
+    return [Point(m.op, m.dtype, m.flops / m.bytes, m.tflops) for m in run.of_kind("op") if m.flops and m.bytes]
 
 
 def _roofline_html(run: Run, ceil: Ceilings | None) -> str:
@@ -84,7 +83,7 @@ def _roofline_html(run: Run, ceil: Ceilings | None) -> str:
     note = (f"{len(points)} cases with FLOPs; ceilings {_e(ceil.source)}." if ceil else
             f"{len(points)} cases with FLOPs; no ceilings: run bench/test_peaks.py in the same session, "
             "or give --peaks.")
-    over = sum(1 for m in run.measurements if (b := bound(m.info, ceil)) and b.share > 1)
+    over = sum(1 for m in run.measurements if (b := bound(m, ceil)) and b.share > 1)
     if over:
         note += (f" {over} of them exceed their ceiling (share over 100%): their data fit in a cache that the copy "
                  "bandwidth does not see, or the peak search fell short (a busy machine, shapes it did not try).")
@@ -95,11 +94,11 @@ def _breakdown_html(rows: list[Breakdown]) -> str:
     if not rows:
         return "<p class=note>The run holds no composed plans (see the run's opbench.missing).</p>"
     colours = module_colours()
-    modules = [m for m in colours if any(m in b.modules_s for b in rows)]
+    modules = [m for m in colours if any(m in b.modules_s() for b in rows)]
     header = ("workload", "step time", *modules, "calls")
-    table_rows = [(b.plan, format_seconds(b.total_s) if b.total_s else "-",
-                   *(format_seconds(b.modules_s[m]) if m in b.modules_s else "-" for m in modules),
-                   ", ".join(f"{n} {source}" for source, n in b.sources.items() if n)) for b in rows]
+    table_rows = [(b.plan.name, format_seconds(b.total_s) if b.total_s else "-",
+                   *(format_seconds(b.modules_s()[m]) if m in b.modules_s() else "-" for m in modules),
+                   ", ".join(f"{n} {source}" for source, n in b.sources().items() if n)) for b in rows]
     chart = breakdown_svg(rows) if any(b.total_s for b in rows) else "<p class=note>No plan was composed.</p>"
     return (f"<figure>{chart}</figure>"
             "<p class=note>Per model step, as composed from the run (opbench/compose.py): each call's time measured, "
@@ -107,16 +106,16 @@ def _breakdown_html(rows: list[Breakdown]) -> str:
             "calls.</p>" + _table(header, table_rows))
 
 
-def _rate(m: Measurement) -> str:
+def _rate(m: OpCase) -> str:
     """TFLOP/s (GFLOP/s below one) for cases that compute, GB/s for those that only move data."""
-    if not m.info.get("flops"):
-        return f"{m.info.get('gbps') or 0:.4g} GB/s"
-    tflops = m.info["flops"] / m.median_s / 1e12
+    if not m.flops:
+        return f"{m.gbps or 0:.4g} GB/s"
+    tflops = m.tflops
     return f"{tflops:.3g} TFLOP/s" if tflops >= 1 else f"{tflops * 1e3:.3g} GFLOP/s"
 
 
-def _cell(m: Measurement, ceil: Ceilings | None, best: bool) -> str:
-    case_bound = bound(m.info, ceil)
+def _cell(m: OpCase, ceil: Ceilings | None, best: bool) -> str:
+    case_bound = bound(m, ceil)
     roof = f" · {share_pct(case_bound.share)} of roof" if case_bound else ""
     throttled = f"<br><span class=throttled>throttled: {_e(', '.join(m.throttled))}</span>" if m.throttled else ""
     return (f"<td class='num{' best' if best else ''}'>{_e(format_seconds(m.median_s))}"
@@ -124,9 +123,9 @@ def _cell(m: Measurement, ceil: Ceilings | None, best: bool) -> str:
 
 
 def _op_tables_html(run: Run, ceil: Ceilings | None) -> str:
-    by_op: dict[str, dict[tuple, dict[str, Measurement]]] = defaultdict(lambda: defaultdict(dict))
+    by_op: dict[str, dict[tuple, dict[str, OpCase]]] = defaultdict(lambda: defaultdict(dict))
     for m in run.measurements:
-        if not m.info.get("peak"):  # peak cases have their own section
+        if m.kind != "peak":  # peak cases have their own section
             by_op[m.op][(m.shape_id, m.dtype, m.pass_)][m.backend] = m
     parts = []
     for op in sorted(by_op):
@@ -138,7 +137,7 @@ def _op_tables_html(run: Run, ceil: Ceilings | None) -> str:
             fastest = min(m.median_s for m in per_backend.values())
             cells = "".join(_cell(per_backend[b], ceil, per_backend[b].median_s == fastest) if b in per_backend
                             else "<td class=num>-</td>" for b in backends)
-            roles = next(iter(per_backend.values())).info.get("roles") or []
+            roles = next(iter(per_backend.values())).roles
             serves = roles_cell(roles)
             rows.append(f"<tr><td>{_e(shape_id)}</td><td>{_e(dtype)}</td><td>{_e(pass_)}</td>{cells}"
                         f"<td>{_e(serves)}</td></tr>")
@@ -148,7 +147,7 @@ def _op_tables_html(run: Run, ceil: Ceilings | None) -> str:
 
 
 def _peaks_html(run: Run) -> str:
-    peaks = measured_peaks((m.info for m in run.measurements), run.device, device_label(run.machine_info, run.device))
+    peaks = measured_peaks(run.of_kind("peak"), run.device, device_label(run.machine_info, run.device))
     sheet = datasheet_for((used_gpu(run.machine_info) or {}).get("name"))
     if peaks is None:
         return ("<p class=note>No peak cases in this run (pytest bench/test_peaks.py).</p>"
@@ -156,8 +155,8 @@ def _peaks_html(run: Run) -> str:
                     f"{_e(d)} {v:g} TFLOP/s" for d, v in sheet.matmul_tflops.items())
                    + f", memory {sheet.memory_gbps:g} GB/s.</p>" if sheet else ""))
     title = f"Measured on {_e(peaks.label)}" + (f"; datasheet: {_e(sheet.source)}" if sheet else "")
-    search = [(m.label, format_seconds(m.median_s), "-" if m.info["peak"] == "launch_s" else _rate(m))
-              for m in run.measurements if m.info.get("peak")]
+    search = [(label(m), format_seconds(m.median_s), "-" if m.metric == "launch_s" else _rate(m))
+              for m in run.of_kind("peak")]
     return (f"<p>{title}</p>"
             + _table(("metric", "measured", "datasheet", "of datasheet"), comparison_rows(peaks, sheet))
             + "<details><summary>every peak case</summary>" + _table(("case", "median", "rate"), search) + "</details>")
@@ -181,7 +180,7 @@ def build_report(run: Run, base: Run | None = None, ceilings_run: Run | None = N
     if base is not None:
         sections.append(("comparison", "Comparison", lambda: _comparison_html(compare_runs(base, run, threshold))))
     sections += [("roofline", "Roofline", lambda: _roofline_html(run, ceil)),
-                 ("breakdown", "Module-wise breakdown", lambda: _breakdown_html(breakdowns(run))),
+                 ("breakdown", "Module-wise breakdown", lambda: _breakdown_html(run_breakdowns(run.section))),
                  ("ops", "Per-op results", lambda: _op_tables_html(run, ceil)),
                  ("peaks", "Measured peaks", lambda: _peaks_html(run)),
                  ("environment", "Environment", lambda: _environment_html(run, base))]

@@ -9,10 +9,11 @@ else the datasheet of its GPU, and every share says which.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from opbench.measure.peaks import MeasuredPeaks, datasheet_for, measured_peaks
 from opbench.analyze.runs import Run, device_label, used_gpu
+from opbench.record import KINDS, Bound, Record, from_info
 
 
 @dataclass(frozen=True)
@@ -23,17 +24,6 @@ class Ceilings:
     measured: bool
 
     def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class Bound:
-    share: float  # achieved rate / attainable rate, from the median
-    limit: str  # "compute" or "memory": which ceiling bounds the case
-    attainable_tflops: float
-    source: str
-
-    def as_dict(self) -> dict:
         return asdict(self)
 
 
@@ -48,38 +38,40 @@ def ceilings(peaks: MeasuredPeaks | None, machine_info: dict) -> Ceilings | None
                     False)
 
 
-def bound(info: dict, ceil: Ceilings | None) -> Bound | None:
-    """A case's share of its roofline; None where it has no roofline (peak cases, collectives, a
-    dtype whose compute ceiling is unknown, no median)."""
-    flops, nbytes, median_s = info.get("flops") or 0, info.get("bytes") or 0, info.get("median_s")
-    if ceil is None or not median_s or info.get("peak") or "world" in (info.get("shape") or {}):
-        return None  # peaks define the ceilings; collectives (world: ranks) are bound by the fabric
-    peak_tflops = ceil.matmul_tflops.get(info.get("dtype"))
+def bound(m: Record, ceil: Ceilings | None) -> Bound | None:
+    """A case's share of its roofline; None where it has no roofline (peak cases define the ceilings,
+    collectives are bound by the fabric, units mix ops; a dtype whose compute ceiling is unknown, no median)."""
+    if ceil is None or m.kind != "op" or not m.median_s:
+        return None
+    flops, nbytes = m.flops, m.bytes
+    peak_tflops = ceil.matmul_tflops.get(m.dtype)
     if (flops and not peak_tflops) or (nbytes and not ceil.memory_gbps) or not (flops or nbytes):
         return None
     compute_s = flops / (peak_tflops * 1e12) if flops else 0.0
     memory_s = nbytes / (ceil.memory_gbps * 1e9) if nbytes else 0.0
     bound_s = max(compute_s, memory_s)
-    return Bound(share=bound_s / median_s, limit="compute" if compute_s >= memory_s else "memory",
+    return Bound(share=bound_s / m.median_s, limit="compute" if compute_s >= memory_s else "memory",
                  attainable_tflops=flops / bound_s / 1e12, source=ceil.source)
 
 
 def run_ceilings(run: Run) -> Ceilings | None:
     """A loaded run's ceilings, recomputed from its cases as at JSON-writing time."""
     label = device_label(run.machine_info, run.device)
-    return ceilings(measured_peaks((m.info for m in run.measurements), run.device, label), run.machine_info)
+    return ceilings(measured_peaks(run.of_kind("peak"), run.device, label), run.machine_info)
 
 
 def add_roofline(output_json: dict) -> None:
     """At JSON-writing time, once every case (peaks included) has run: the measured peaks and the
-    ceilings into the opbench section, each case's roofline share into its extra_info."""
+    ceilings into the opbench section, each case's roofline share into its record."""
     section, machine_info = output_json["opbench"], output_json.get("machine_info") or {}
-    infos = [b["extra_info"] for b in output_json.get("benchmarks", [])]
-    peaks = measured_peaks(infos, section["device"], device_label(machine_info, section["device"]))
+    benches = [b for b in output_json.get("benchmarks", []) if (b.get("extra_info") or {}).get("kind") in KINDS]
+    records = [from_info(b["extra_info"]) for b in benches]
+    peaks = measured_peaks([r for r in records if r.kind == "peak"], section["device"],
+                           device_label(machine_info, section["device"]))
     ceil = ceilings(peaks, machine_info)
     section["peaks"] = peaks.to_dict() if peaks else None
     section["ceilings"] = ceil.to_dict() if ceil else None
-    for info in infos:
-        case_bound = bound(info, ceil)
+    for bench, record in zip(benches, records):
+        case_bound = bound(record, ceil)
         if case_bound is not None:
-            info["roofline"] = case_bound.as_dict()
+            bench["extra_info"] = replace(record, roofline=case_bound).to_info()

@@ -8,16 +8,15 @@ file that is not such a run is refused with one line that says what it is and wh
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from opbench.measure.hardware import stable_facts
+from opbench.ops import FAMILIES, get_family
+from opbench.record import OpCase, Record, RecordError, UnitCase, from_info
 
 EXPECTED = ("expected a pytest-benchmark JSON of opbench's bench/ suite "
             "(pytest bench/ --benchmark-json=FILE, or a run saved with --benchmark-save)")
-
-
-UNITS = ("layer", "model")
 
 
 class RunError(ValueError):
@@ -25,78 +24,47 @@ class RunError(ValueError):
 
 
 @dataclass(frozen=True)
-class Measurement:
-    """One timed case of a run: its identity, the statistics of its rounds, and its extra_info."""
-    name: str  # pytest's test name
-    op: str
-    backend: str
-    dtype: str
-    pass_: str
-    shape: dict[str, int]
-    shape_id: str  # the shape part of the test id
-    median_s: float
-    q1_s: float
-    q3_s: float
-    min_s: float
-    max_s: float
-    rounds: int
-    info: dict = field(repr=False)  # the whole extra_info
-
-    @property
-    def key(self) -> tuple:
-        """Identity across runs: op, shape, dtype, backend, pass."""
-        return (self.op, tuple(sorted(self.shape.items())), self.dtype, self.backend, self.pass_)
-
-    @property
-    def label(self) -> str:
-        return f"{self.op} {self.shape_id} {self.dtype} {self.pass_} {self.backend}"
-
-    @property
-    def throttled(self) -> list[str]:
-        return list(self.info.get("throttled") or ())
-
-
-@dataclass(frozen=True)
 class Run:
     path: Path
     machine_info: dict
     section: dict  # the top-level "opbench" section
-    measurements: tuple[Measurement, ...]
+    measurements: tuple[OpCase, ...]  # op cases, peaks and collectives, each as its record
     datetime: str
+    units: tuple[UnitCase, ...] = ()  # layers and models timed whole, against which composition is checked
 
     @property
     def device(self) -> str:
         return self.section.get("device") or ("cuda" if (self.machine_info.get("gpu") or {}).get("available")
                                               else "cpu")
 
-
-def _shape_id(bench: dict, info: dict) -> str:
-    """The test id is built from the identity, so the id minus its dtype-pass-backend tail is the shape."""
-    tail = f"-{info['dtype']}-{info['pass']}-{info['backend']}"
-    param = bench.get("param") or ""
-    if param.endswith(tail):
-        return param[:-len(tail)]
-    return "x".join(str(v) for v in info["shape"].values())
+    def of_kind(self, kind: str) -> list[OpCase]:
+        return [m for m in self.measurements if m.kind == kind]
 
 
-_IDENTITY = ("op", "backend", "dtype", "pass", "shape")
-_STATS = ("median", "q1", "q3", "min", "max", "rounds")
+def label(m: OpCase) -> str:
+    """op, shape (as in the test id), dtype, pass and backend."""
+    shape = get_family(m.op).id_of(get_family(m.op).shape_type(**m.shape)) if m.op in FAMILIES else \
+        "x".join(str(v) for v in m.shape.values())
+    return f"{m.op} {shape} {m.dtype} {m.pass_} {m.backend}"
 
 
-def _measurement(bench: dict) -> Measurement | None:
-    info, stats = bench.get("extra_info") or {}, bench.get("stats") or {}
-    if "op" not in info:
-        return None  # not an opbench case (a plain pytest-benchmark test in the same session)
-    if info["op"] in UNITS:
-        return None  # a layer or model timed whole: a check of composition (opbench.measure.units), not a case
-    missing = [k for k in _IDENTITY if k not in info] + [f"stats.{k}" for k in _STATS if k not in stats]
-    if missing:
-        raise ValueError(f"its benchmark {bench.get('name', '?')!r} lacks {', '.join(missing)}")
-    return Measurement(
-        name=bench.get("name", ""), op=info["op"], backend=info["backend"], dtype=info["dtype"],
-        pass_=info["pass"], shape=dict(info["shape"]), shape_id=_shape_id(bench, info),
-        median_s=stats["median"], q1_s=stats["q1"], q3_s=stats["q3"], min_s=stats["min"], max_s=stats["max"],
-        rounds=stats["rounds"], info=info)
+def _records(benchmarks: list) -> list[Record]:
+    """The timed records of a run's benchmarks; plain pytest-benchmark tests of the same session are passed over."""
+    out = []
+    for bench in benchmarks:
+        info = (bench.get("extra_info") if isinstance(bench, dict) else None) or {}
+        if "kind" not in info and "op" not in info:
+            continue  # not an opbench case
+        if "kind" not in info:
+            raise RecordError(f"benchmark {bench.get('name', '?')!r} was written by an opbench older than 0.2 "
+                              "(no record kind); re-run the suite")
+        try:
+            record = from_info(info)
+        except RecordError as error:
+            raise RecordError(f"benchmark {bench.get('name', '?')!r}: {error}") from None
+        if record.timed:
+            out.append(record)
+    return out
 
 
 def load_run(path: str | Path) -> Run:
@@ -115,14 +83,16 @@ def load_run(path: str | Path) -> Run:
                 else f"a JSON {type(data).__name__}")
         raise RunError(f"{path} is JSON but not a pytest-benchmark run ({what}, no 'benchmarks' list); {EXPECTED}")
     try:
-        measurements = tuple(m for m in map(_measurement, data["benchmarks"]) if m is not None)
-    except ValueError as error:
-        raise RunError(f"{path} is a pytest-benchmark run with incomplete opbench data ({error}); {EXPECTED}") from None
-    if "opbench" not in data and not measurements:
+        records = _records(data["benchmarks"])
+    except RecordError as error:
+        raise RunError(f"{path} is a pytest-benchmark run with records this opbench cannot read ({error}); "
+                       f"{EXPECTED}") from None
+    if "opbench" not in data and not records:
         raise RunError(f"{path} is a pytest-benchmark run of {len(data['benchmarks'])} benchmarks without opbench "
-                       f"data (no 'opbench' section, no extra_info.op on any benchmark); {EXPECTED}")
-    return Run(path, data.get("machine_info") or {}, data.get("opbench") or {}, measurements,
-               data.get("datetime", ""))
+                       f"data (no 'opbench' section, no opbench record on any benchmark); {EXPECTED}")
+    return Run(path, data.get("machine_info") or {}, data.get("opbench") or {},
+               tuple(r for r in records if isinstance(r, OpCase)), data.get("datetime", ""),
+               tuple(r for r in records if isinstance(r, UnitCase)))
 
 
 def resolve_run(spec: str, storage: str | None = None) -> Path:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from opbench.analyze.alphabeta import PROFILES as FABRICS
 from opbench.analyze.alphabeta import Fit
-from opbench.analyze.compose import Composer, MissingMeasurement, measurement
+from opbench.analyze.compose import Composer, MissingMeasurement
+from opbench.record import OpCase, UnitCase
 from opbench.analyze.estimate import TrainOptions, estimate_from, fewest_gpus, idealized_runtime
 from opbench.spec.models import get_model
 from opbench.measure.peaks import datasheet_for
@@ -22,13 +23,12 @@ from opbench.spec.workload import PHASES, Workload
 from opbench.spec.plan import Plan, plan
 
 
-def compose_session(plans: Iterable[Plan], infos: Iterable[dict], policy: str = "fastest",
-                    peak_tflops: dict[str, float] | None = None) -> dict:
-    """infos: the extra_info of every timed case (op cases and units). peak_tflops: the GPU's datasheet
-    dense TFLOP/s per dtype, for MFU (None: no MFU)."""
-    infos = list(infos)
-    measured = [m for m in map(measurement, infos) if m is not None]
-    composer, eager = Composer(measured, policy), Composer(measured, "eager")
+def compose_session(plans: Iterable[Plan], cases: Iterable[OpCase], units: Iterable[UnitCase] = (),
+                    policy: str = "fastest", peak_tflops: dict[str, float] | None = None) -> dict:
+    """Every plan composed from the run's op cases, and the units timed whole checked against their
+    composition. peak_tflops: the GPU's datasheet dense TFLOP/s per dtype, for MFU (None: no MFU)."""
+    cases = list(cases)
+    composer, eager = Composer(cases, policy), Composer(cases, "eager")
     out: dict = {"policy": policy, "breakdowns": [], "estimates": [], "validation": [], "missing": []}
     by_name = {}
     for p in plans:
@@ -41,17 +41,18 @@ def compose_session(plans: Iterable[Plan], infos: Iterable[dict], policy: str = 
         out["breakdowns"].append(breakdown.to_dict())
         peak = (peak_tflops or {}).get(p.workload.dtype)
         out["estimates"].append(estimate_from(breakdown, peak_flops=peak * 1e12 if peak else None).to_dict())
-    for info in infos:
-        if info.get("op") not in ("layer", "model") or info.get("median_s") is None or info["plan"] not in by_name:
+    for u in units:
+        if not u.timed or u.plan not in by_name:
             continue
         try:  # the unit runs torch's eager ops, so it is composed from those backends' cases
-            composed = composed_s(eager.compose(by_name[info["plan"]]), info["op"])
+            composed = composed_s(eager.compose(by_name[u.plan]), u.unit)
         except MissingMeasurement as missing:
-            out["missing"].append({"plan": info["plan"], "unit": info["op"], "reason": str(missing)})
+            out["missing"].append({"plan": u.plan, "unit": u.unit, "reason": str(missing)})
             continue
-        measured_s = info["median_s"]
-        out["validation"].append({"plan": info["plan"], "unit": info["op"], "measured_s": measured_s,
-                                  "composed_s": composed, "error_pct": 100 * (composed - measured_s) / measured_s})
+        out["validation"].append({"plan": u.plan, "unit": u.unit, "measured_s": u.median_s, "composed_s": composed,
+                                  "error_pct": 100 * (composed - u.median_s) / u.median_s,
+                                  "stable": bool(u.stability and u.stability.stable),
+                                  "ci_rel": u.stability.ci_rel if u.stability else None})
     return out
 
 
@@ -107,7 +108,7 @@ def _composer(args) -> tuple[Run, Composer]:
         if not fits:
             raise RunError(f"{args.collectives} holds no alpha-beta fits (opbench.collectives.fits); expected "
                            "a run of `torchrun ... -m pytest collectives/ --benchmark-json=FILE`")
-    return run, Composer(filter(None, (measurement(m.info) for m in run.measurements)), args.policy, fits, args.fabric)
+    return run, Composer(run.measurements, args.policy, fits, args.fabric)
 
 
 def _estimate_command(args) -> int:

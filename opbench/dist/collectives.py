@@ -11,23 +11,31 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from dataclasses import replace
 
 import pytest
+import torch
 
-from opbench.measure.cases import Case
 from opbench.analyze.alphabeta import Fit
 from opbench.dist.world import World, first_line
-from opbench.ops.dtypes import get_dtype
-from opbench.measure.runner import is_oom
+from opbench.measure.cases import Case
+from opbench.measure.gate import check
+from opbench.measure.runner import finish, is_oom
+from opbench.measure.selection import Selection
+from opbench.measure.timing import MAX_ROUNDS, RunSettings, Samples, calls_for
 from opbench.ops import get_family
 from opbench.ops.base import shape_dict
-from opbench.ops.collective import (COLLECTIVES, CollectiveShape, algbw_gbps, busbw_factor, message_bytes,
-                                    shape_id)
-from opbench.measure.selection import Selection
-from opbench.text import format_seconds, roles_cell, table_lines
-from opbench.measure.timing import (Check, CudaEventClock, RunSettings, calls_for, check, cpu_call_time, cuda_call_time,
-                            rounds_for)
+from opbench.ops.collective import (
+    COLLECTIVES,
+    CollectiveShape,
+    busbw_factor,
+    message_bytes,
+    shape_id,
+)
+from opbench.ops.dtypes import get_dtype
+from opbench.record import CollectiveCase, Gate
 from opbench.spec.plan import Plan
+from opbench.text import format_seconds, roles_cell, table_lines
 
 SWEEP_MIN_BYTES = 2**10
 GRADIENT_BUCKET_BYTES = 25 * 2**20  # torch DistributedDataParallel's default bucket_cap_mb
@@ -94,17 +102,15 @@ def collective_cases(selection: Selection, world: int, backend: str) -> list[Cas
     return sorted(cases.values(), key=lambda c: (order[c.op], c.dtype, c.shape.size_bytes))
 
 
-def run_collective_case(benchmark, case: Case, settings: RunSettings, world: World) -> None:
+def run_collective_case(benchmark, case: Case, settings: RunSettings, world: World) -> CollectiveCase:
     family = get_family(case.op)
     backend = family.backends[case.backend]
     dtype = get_dtype(case.dtype)
     shape: CollectiveShape = case.shape
-    factor = busbw_factor(case.op, shape.world)
-    info = benchmark.extra_info
-    info.update({"op": case.op, "backend": case.backend, "dtype": case.dtype, "pass": case.pass_,
-                 "shape": shape_dict(case.shape), "roles": list(case.roles), "flops": 0,
-                 "bytes": family.bytes(shape, dtype, case.pass_), "impl": backend.impl, "world": world.size,
-                 "busbw_factor": factor})
+    record = CollectiveCase(op=case.op, backend=case.backend, dtype=case.dtype, pass_=case.pass_,
+                            shape=shape_dict(shape), roles=tuple(case.roles),
+                            bytes=family.bytes(shape, dtype, case.pass_), impl=backend.impl, world=world.size,
+                            busbw_factor=busbw_factor(case.op, shape.world))
     with world.guard(f"{case.op} {shape_id(shape)} {case.dtype}"):
         _skip_on_all_ranks(world, backend.requires(shape, dtype, settings.device))
         inputs, reason = None, None
@@ -123,25 +129,18 @@ def run_collective_case(benchmark, case: Case, settings: RunSettings, world: Wor
         except RuntimeError as error:
             reason = f"{case.backend} does not support {case.dtype} {case.op} here: {first_line(error)}"
         _skip_on_all_ranks(world, reason)
-        info["correct"] = _agreed_check(world, check(out, expected, dtype.tol))
+        verdict = _agreed_check(world, check(out, expected, dtype.tol))
         del out, expected
-        if not info["correct"]["passed"]:
-            pytest.fail(f"wrong result on rank {info['correct']['worst_rank']}: relative error "
-                        f"{info['correct']['rel_err']:.3g} > tolerance {dtype.tol:g}", pytrace=False)
-        timer, unroll, rounds = _time(benchmark, fn, settings, world)
-        data = benchmark.stats.stats.data if benchmark.stats is not None else None
-        if data is not None:
-            slowest = world.max(*data)  # round by round: every rank ran the same rounds in lockstep
-            rank_medians = world.gather(statistics.median(data))
-    info.update({"timer": timer, "unroll": unroll, "rounds": rounds})
-    if data is None:  # --benchmark-disable: ran once, nothing timed
-        return
-    data[:] = slowest  # no statistic has been read yet; all of them now describe the slowest rank
-    median_s = statistics.median(slowest)
-    algbw = algbw_gbps(shape.size_bytes, median_s)
-    info.update({"median_s": median_s, "tflops": 0.0, "gbps": algbw, "algbw_gbps": algbw, "busbw_gbps": algbw * factor,
-                 "rank_median_s": rank_medians, "slowest_rank": rank_medians.index(max(rank_medians)),
-                 "rank_spread": max(rank_medians) / min(rank_medians) - 1 if min(rank_medians) > 0 else None})
+        record = replace(record, correct=verdict)
+        if not verdict.passed:
+            pytest.fail(f"wrong result on rank {verdict.worst_rank}: relative error {verdict.rel_err:.3g} > "
+                        f"tolerance {dtype.tol:g}", pytrace=False)
+        samples = _time(fn, settings, world) if benchmark.enabled else None
+    if samples is not None:
+        mine, slowest = samples
+        record = replace(record, rank_median_s=tuple(world.gather(statistics.median(mine.per_call_s))))
+        samples = replace(mine, per_call_s=slowest)
+    return finish(benchmark, record, samples, settings)
 
 
 def _skip_on_all_ranks(world: World, reason: str | None) -> None:
@@ -150,37 +149,62 @@ def _skip_on_all_ranks(world: World, reason: str | None) -> None:
         pytest.skip(reason)
 
 
-def _agreed_check(world: World, verdict: Check) -> dict:
+def _agreed_check(world: World, verdict: Gate) -> Gate:
     """The worst rank's verdict, on every rank, so that all fail together or none does."""
     err = verdict.rel_err if verdict.rel_err == verdict.rel_err else math.inf  # NaN: as wrong as can be
     worst_err, = world.max(err)
     worst_rank = int(world.max(world.rank if err >= worst_err else -1)[0])
-    return {"rel_err": worst_err, "tol": verdict.tol, "passed": worst_err <= verdict.tol, "worst_rank": worst_rank}
+    return Gate(worst_err, verdict.tol, verdict.worst_output, worst_rank)
 
 
-def _time(benchmark, fn, settings: RunSettings, world: World) -> tuple[str, int, int]:
-    """Fixed rounds and iterations, the same on every rank, from the slowest rank's estimate."""
+def _time(fn, settings: RunSettings, world: World) -> tuple[Samples, list[float]]:
+    """Fixed rounds and iterations, the same on every rank (from the slowest rank's estimate), each
+    round after a barrier so that no rank's time includes waiting for another to arrive. Returns this
+    rank's samples and, round by round, the slowest rank's."""
     on_gpu = world.device.type == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     for _ in range(2):
         fn()
-    call_s, = world.max(cuda_call_time(fn) if on_gpu else cpu_call_time(fn))
+    sync()
+    start = time.perf_counter()
+    for _ in range(3):
+        fn()
+    sync()
+    call_s, = world.max((time.perf_counter() - start) / 3)
     iterations = calls_for(call_s)
-    rounds = rounds_for(call_s * iterations, settings.budget_s, settings.min_rounds)
-    benchmark._timer = CudaEventClock() if on_gpu else time.perf_counter
-    benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=1)
-    return ("cuda-event" if on_gpu else "cpu"), iterations, rounds
+    rounds = max(settings.min_rounds, min(MAX_ROUNDS, int(settings.budget_s / max(call_s * iterations, 1e-9))))
+    rounds = int(world.max(rounds)[0])
+
+    def one_round() -> float:
+        world.barrier()
+        if on_gpu:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(iterations):
+                fn()
+            end.record()
+            end.synchronize()
+            return begin.elapsed_time(end) * 1e-3 / iterations
+        t0 = time.perf_counter()
+        for _ in range(iterations):
+            fn()
+        return (time.perf_counter() - t0) / iterations
+
+    one_round()  # warm-up
+    mine = [one_round() for _ in range(rounds)]
+    slowest = world.max(*mine)  # round by round: every rank ran the same rounds in lockstep
+    timer = "cuda-event" if on_gpu else "cpu"
+    return Samples(mine, timer, iterations, "warm"), slowest
 
 
-def summary_lines(timed: list[dict], fits: list[Fit], world: str) -> list[str]:
+def summary_lines(timed: list[CollectiveCase], fits: list[Fit], world: str) -> list[str]:
     """The end-of-run table of collectives (the slowest rank's medians), then the alpha-beta fits."""
     rows = [("op", "size", "dtype", "median", "algbw GB/s", "busbw GB/s", "rank spread", "serves")]
-    for info in timed:
-        roles = info["roles"]
-        spread = info["rank_spread"]
-        rows.append((info["op"], shape_id(CollectiveShape(**info["shape"])), info["dtype"],
-                     format_seconds(info["median_s"]), f"{info['algbw_gbps']:.4g}", f"{info['busbw_gbps']:.4g}",
-                     f"{spread:.1%}" if spread is not None else "-",
-                     roles_cell(roles, none="sweep")))
+    for r in timed:
+        spread = r.rank_spread
+        rows.append((r.op, shape_id(CollectiveShape(**r.shape)), r.dtype, format_seconds(r.median_s),
+                     f"{r.algbw_gbps:.4g}", f"{r.busbw_gbps:.4g}", f"{spread:.1%}" if spread is not None else "-",
+                     roles_cell(r.roles, none="sweep")))
     lines = [f"{world}; medians per call of the slowest rank, bandwidths as nccl-tests defines them",
              *table_lines(rows)]
     lines.append("alpha-beta fits, t = alpha + busbw_factor x size / busbw:")

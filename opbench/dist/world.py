@@ -166,6 +166,12 @@ class World:
         """Each value's maximum over the ranks."""
         return self._reduce(list(values), dist.ReduceOp.MAX)
 
+    def barrier(self) -> None:
+        """Every rank here before any goes on; on GPUs the device too, so timing starts together."""
+        dist.barrier(device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def gather(self, value: float) -> list[float]:
         """Every rank's value, in rank order."""
         slots = [0.0] * self.size

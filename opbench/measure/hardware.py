@@ -1,17 +1,21 @@
-"""Machine facts for the JSON: the GPUs as NVML reports them, the software versions, and the clocks,
-temperature and slowdown reasons sampled around each GPU case."""
+"""Machine facts for the JSON: the GPUs as NVML reports them, the software versions; the card's clocks,
+power, temperature and slowdowns sampled while a GPU case runs; the host's load around a CPU case."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import importlib.metadata
+import os
+import threading
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from opbench.record import GpuState, HostLoad
 
 
 def _try(read: Callable[[], Any]) -> Any:
@@ -212,14 +216,6 @@ def throttle_reasons(mask: int | None) -> list[str]:
     return [name for bit, name in THROTTLE_REASONS.items() if mask and mask & bit]
 
 
-def clock_record(before: ClockSample, after: ClockSample) -> dict:
-    """What a GPU case adds to its extra_info: the samples around its timing, and the slowdowns seen
-    in either (a slowdown still active when timing starts slows its first rounds too)."""
-    seen = set(throttle_reasons(before.event_reasons)) | set(throttle_reasons(after.event_reasons))
-    return {"clocks": {"before": asdict(before), "after": asdict(after)},
-            "throttled": [name for name in THROTTLE_REASONS.values() if name in seen]}
-
-
 @functools.cache
 def _nvml_device() -> tuple[Any, Any] | None:
     """(pynvml, handle) of the GPU torch runs on, NVML left initialised for the process; None without."""
@@ -233,15 +229,104 @@ def _nvml_device() -> tuple[Any, Any] | None:
         return None
 
 
+def violation_s(nvml, handle) -> tuple[float | None, float | None]:
+    """NVML's cumulative time (s) the card was held back by its power limit and by heat."""
+    def read(policy) -> float | None:
+        status = _try(lambda: nvml.nvmlDeviceGetViolationStatus(handle, policy))
+        return status.violationTime / 1e9 if status is not None else None
+    return read(nvml.NVML_PERF_POLICY_POWER), read(nvml.NVML_PERF_POLICY_THERMAL)
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def gpu_state(samples: list[ClockSample], before: tuple, after: tuple) -> GpuState:
+    """The card during the rounds: clock and power averaged over the samples, the hottest reading,
+    the violation time the counters moved by, and every slowdown reason seen."""
+    seen = set()
+    for s in samples:
+        seen.update(throttle_reasons(s.event_reasons))
+    power_s, thermal_s = (a - b if a is not None and b is not None else None for a, b in zip(after, before))
+    temps = [s.temperature_c for s in samples if s.temperature_c is not None]
+    return GpuState(_mean([s.sm_clock_mhz for s in samples]), _mean([s.power_w for s in samples]),
+                    max(temps) if temps else None, len(samples), power_s, thermal_s,
+                    tuple(n for n in THROTTLE_REASONS.values() if n in seen))
+
+
+class _Watch:
+    state: GpuState | None = None
+
+
+SAMPLE_PERIOD_S = 0.005
+
+
 @contextlib.contextmanager
-def watch_clocks(device: str) -> Iterator[dict]:
-    """Around a case's timing: yields a dict that holds clock_record() once the block is done;
-    it stays empty on CPU and where NVML cannot read the GPU."""
-    record: dict = {}
-    nvml_device = _nvml_device() if device == "cuda" else None
-    if nvml_device is None:
-        yield record
+def gpu_watch(nvml_device: tuple | None | bool = True) -> Iterator[_Watch]:
+    """Around a case's rounds: NVML's violation counters read before and after, and clocks, power and
+    temperature sampled from a thread while the rounds run. `watch.state` holds the GpuState once the
+    block is done; it stays None where NVML cannot read the GPU (a CPU run included)."""
+    watch = _Watch()
+    if nvml_device is True:
+        nvml_device = _nvml_device()
+    if not nvml_device:
+        yield watch
         return
-    before = sample_clocks(*nvml_device)
-    yield record
-    record.update(clock_record(before, sample_clocks(*nvml_device)))
+    nvml, handle = nvml_device
+    samples: list[ClockSample] = [sample_clocks(nvml, handle)]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(SAMPLE_PERIOD_S):
+            samples.append(sample_clocks(nvml, handle))
+    before = violation_s(nvml, handle)
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield watch
+    finally:
+        stop.set()
+        thread.join()
+        samples.append(sample_clocks(nvml, handle))
+        watch.state = gpu_state(samples, before, violation_s(nvml, handle))
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _cpu_times(stat: Path = Path("/proc/stat")) -> tuple[int, int] | None:
+    """(total, steal) jiffies of all CPUs, or None where /proc/stat is not there."""
+    try:
+        fields = stat.read_text().split("\n", 1)[0].split()[1:]
+        values = [int(v) for v in fields]
+    except (OSError, ValueError):
+        return None
+    return sum(values), values[7] if len(values) > 7 else 0
+
+
+BUSY_LOAD_PER_CORE = 1.0  # more runnable threads than cores: the case shared them
+BUSY_STEAL = 0.05  # the hypervisor took more than 5% of the CPU
+
+
+class HostWatch:
+    """Around a CPU case's rounds: the load average and the share of time stolen by the hypervisor."""
+
+    def __init__(self, times: Callable[[], tuple[int, int] | None] = _cpu_times,
+                 loadavg: Callable[[], float] = lambda: os.getloadavg()[0]):
+        self.times, self.loadavg = times, loadavg
+        self.load: HostLoad | None = None
+
+    def __enter__(self) -> HostWatch:
+        self.start = self.times()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        end = self.times()
+        steal = 0.0
+        if self.start and end and end[0] > self.start[0]:
+            steal = (end[1] - self.start[1]) / (end[0] - self.start[0])
+        per_core = _try(self.loadavg)
+        per_core = per_core / cpu_count() if per_core is not None else 0.0
+        self.load = HostLoad(per_core, steal, per_core > BUSY_LOAD_PER_CORE or steal > BUSY_STEAL)

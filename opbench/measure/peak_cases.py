@@ -16,10 +16,13 @@ import pytest
 import torch
 
 from opbench.ops.dtypes import get_dtype
-from opbench.measure.hardware import last_level_cache_bytes, watch_clocks
+from opbench.measure.gate import check, fail_unless_passed
+from opbench.measure.hardware import last_level_cache_bytes
+from opbench.measure.runner import finish
 from opbench.ops.base import shape_dict
 from opbench.ops.gemm import GEMM, GemmShape, bytes_moved, flops
-from opbench.measure.timing import RunSettings, Timing, check, measure, rounds_for
+from opbench.measure.timing import RunSettings, Samples, measure, measure_stream, take_rounds
+from opbench.record import PeakCase as Peak
 
 
 @dataclass(frozen=True)
@@ -125,22 +128,21 @@ def _prepare(case: PeakCase, device: str) -> tuple[Callable[[], object], Callabl
     return fn, outputs
 
 
-def _time_launches(benchmark, fn: Callable[[], object], settings: RunSettings) -> Timing:
+def _time_launches(fn: Callable[[], object], settings: RunSettings) -> Samples:
     """Back-to-back launches on the host clock, with nothing (no CUDA graph) hiding their cost: per
     launch, the larger of the host's launch cost and the GPU's time per tiny kernel."""
     sync = torch.cuda.synchronize if settings.device == "cuda" else (lambda: None)
     fn()
     sync()
-    start = time.perf_counter()
-    for _ in range(_LAUNCHES_PER_ROUND):
-        fn()
-    sync()
-    round_s = time.perf_counter() - start
-    rounds = rounds_for(round_s, settings.budget_s, settings.min_rounds)
-    benchmark._timer = time.perf_counter
-    benchmark.pedantic(fn, rounds=rounds, iterations=_LAUNCHES_PER_ROUND, warmup_rounds=1)
-    sync()
-    return Timing("cpu", _LAUNCHES_PER_ROUND, rounds)
+
+    def one_round() -> float:
+        start = time.perf_counter()
+        for _ in range(_LAUNCHES_PER_ROUND):
+            fn()
+        sync()
+        return (time.perf_counter() - start) / _LAUNCHES_PER_ROUND
+    samples = take_rounds(one_round, settings.budget_s, settings.min_rounds, settings.ci_target)
+    return Samples(samples, "cpu" if settings.device == "cpu" else "host", _LAUNCHES_PER_ROUND, "warm")
 
 
 def work(case: PeakCase) -> tuple[int, int]:
@@ -153,34 +155,32 @@ def work(case: PeakCase) -> tuple[int, int]:
     return 0, case.shape.size_bytes * (2 if case.kind == "copy" else 1)
 
 
-def run_peak(benchmark, case: PeakCase, settings: RunSettings) -> None:
-    """A peak case: the same extra_info contract, gate and timing as the plan's cases."""
+def run_peak(benchmark, case: PeakCase, settings: RunSettings) -> Peak:
+    """A peak case: the same record, gate and timing as the plan's cases."""
     device = settings.device
     case_flops, case_bytes = work(case)
-    info = benchmark.extra_info
-    info.update({"op": case.op, "backend": "torch", "dtype": case.dtype, "pass": "fwd",
-                 "shape": shape_dict(case.shape), "roles": [], "flops": case_flops, "bytes": case_bytes,
-                 "impl": GEMM.backends["torch"].impl if case.kind == "matmul" else _IMPL[case.kind],
-                 "peak": METRICS[case.kind]})
+    record = Peak(op=case.op, backend="torch", dtype=case.dtype, shape=shape_dict(case.shape), flops=case_flops,
+                  bytes=case_bytes, impl=GEMM.backends["torch"].impl if case.kind == "matmul" else _IMPL[case.kind],
+                  metric=METRICS[case.kind])
     reason = _skip_reason(case, device)
     if reason:
         pytest.skip(reason)
     dtype = get_dtype(case.dtype)
     torch.manual_seed(0)
-    with dtype.math_mode():
-        fn, outputs = _prepare(case, device)
-        out, expected = outputs()
-    with get_dtype("fp32").math_mode():
-        verdict = check(out, expected, dtype.tol if case.kind == "matmul" else 0.0)
-    info["correct"] = verdict.as_dict()
-    del out, expected  # the largest matmul's output and reference would hold gigabytes during timing
-    if not verdict.passed:
-        pytest.fail(f"wrong result: relative error {verdict.rel_err:.3g} > tolerance {verdict.tol:g}", pytrace=False)
-    with dtype.math_mode(), watch_clocks(device) as clocks:
-        if case.kind == "launch":
-            timing = _time_launches(benchmark, fn, settings)
-        else:
-            timing = measure(benchmark, fn, replace(settings, cold_l2=False, energy=False))
-    median_s = benchmark.stats.stats.median
-    info.update({"timer": timing.timer, "unroll": timing.unroll, **clocks, "median_s": median_s,
-                 "tflops": case_flops / median_s / 1e12, "gbps": case_bytes / median_s / 1e9})
+    with measure_stream(device):
+        with dtype.math_mode():
+            fn, outputs = _prepare(case, device)
+            out, expected = outputs()
+        with get_dtype("fp32").math_mode():
+            verdict = check(out, expected, dtype.tol if case.kind == "matmul" else 0.0)
+        record = replace(record, correct=verdict)
+        del out, expected  # the largest matmul's output and reference would hold gigabytes during timing
+        fail_unless_passed(verdict)
+        with dtype.math_mode():
+            if not benchmark.enabled:
+                samples = None
+            elif case.kind == "launch":
+                samples = _time_launches(fn, settings)
+            else:  # a ceiling is the best the card does: warm caches, no energy reading
+                samples = measure([fn], replace(settings, l2="warm", energy=False))
+    return finish(benchmark, record, samples, settings)

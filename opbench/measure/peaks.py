@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 
+from opbench.record import PeakCase
 from opbench.analyze.runs import RunError, device_label, load_run, used_gpu
 from opbench.text import format_seconds, table_lines
 
@@ -88,22 +89,21 @@ class MeasuredPeaks:
         return asdict(self)
 
 
-def measured_peaks(infos: Iterable[dict], device: str, label: str) -> MeasuredPeaks | None:
-    """The best of each peak metric over a run's peak cases (their extra_info); None if it has none."""
+def measured_peaks(peaks: Iterable[PeakCase], device: str, label: str) -> MeasuredPeaks | None:
+    """The best of each peak metric over a run's peak records; None if it has none."""
     matmul: dict[str, tuple[float, dict]] = {}
     rates: dict[str, float] = {}
     launch_s = None
-    for info in infos:
-        metric, median_s = info.get("peak"), info.get("median_s")
-        if not metric or not median_s:
+    for p in peaks:
+        if not p.median_s:
             continue
-        if metric == "matmul_tflops":
-            if info["tflops"] > matmul.get(info["dtype"], (0.0, {}))[0]:
-                matmul[info["dtype"]] = (info["tflops"], info["shape"])
-        elif metric == "launch_s":
-            launch_s = median_s if launch_s is None else min(launch_s, median_s)
+        if p.metric == "matmul_tflops":
+            if p.tflops > matmul.get(p.dtype, (0.0, {}))[0]:
+                matmul[p.dtype] = (p.tflops, p.shape)
+        elif p.metric == "launch_s":
+            launch_s = p.median_s if launch_s is None else min(launch_s, p.median_s)
         else:
-            rates[metric] = max(rates.get(metric, 0.0), info["gbps"])
+            rates[p.metric] = max(rates.get(p.metric, 0.0), p.gbps)
     if not (matmul or rates or launch_s):
         return None
     return MeasuredPeaks(device, label, {d: t for d, (t, _) in matmul.items()},
@@ -154,8 +154,7 @@ def _command(args) -> int:
         print("\n".join(table_lines(_datasheet_table())))
         return 0
     run = load_run(args.run)
-    peaks = measured_peaks((m.info for m in run.measurements), run.device,
-                           device_label(run.machine_info, run.device))
+    peaks = measured_peaks(run.of_kind("peak"), run.device, device_label(run.machine_info, run.device))
     if peaks is None:
         raise RunError(f"{run.path} has no peak cases; measure them with "
                        "`pytest bench/test_peaks.py --benchmark-json=FILE`")

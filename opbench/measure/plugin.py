@@ -9,12 +9,12 @@ themselves.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import pytest
 
 from opbench import __version__
-from opbench.measure.cases import Case, build_cases
+from opbench.measure.cases import build_cases
 from opbench.dist.world import is_reporting_rank
 from opbench.measure.bench_adapter import silence_rank
 from opbench.measure.runner import run_case
@@ -25,26 +25,36 @@ from opbench.analyze.roofline import add_roofline
 from opbench.measure.selection import PROFILES, Selection, SelectionError, select
 from opbench.analyze.session import compose_session
 from opbench.measure.summary import composition_lines, summary_lines
-from opbench.measure.timing import RunSettings
-from opbench.measure.units import UnitCase, run_unit_case
+from opbench.measure.timing import L2_MODES, RunSettings
+from opbench.record import OpCase
+from opbench.record import UnitCase as UnitRecord
+from opbench.measure.units import run_unit_case
 
 
 @dataclass
-class _State:
+class State:
+    """The run as the plugin knows it: what was selected, how it is timed, the records timed so far."""
     selection: Selection
     settings: RunSettings
-    timed: list[tuple[Case, dict]] = field(default_factory=list)
-    units: list[tuple[UnitCase, dict]] = field(default_factory=list)
+    timed: list[OpCase] = field(default_factory=list)
+    units: list[UnitRecord] = field(default_factory=list)
     _composition: dict | None = None
 
     def composition(self) -> dict:
         """The run composed: computed once, when the JSON or the summary first asks."""
         if self._composition is None:
-            infos = [info for _, info in self.timed] + [info for _, info in self.units]
             sheet = datasheet_for(torch_gpu_name()) if self.settings.device == "cuda" else None
-            self._composition = compose_session(self.selection.plans, infos,
+            self._composition = compose_session(self.selection.plans, self.timed, self.units,
                                                 peak_tflops=dict(sheet.matmul_tflops) if sheet else None)
         return self._composition
+
+
+STATE = pytest.StashKey[State]()
+
+
+def state(config: pytest.Config) -> State:
+    """The opbench state of a pytest run (bench modules and collectives/conftest.py read it here)."""
+    return config.stash[STATE]
 
 
 def pytest_addoption(parser):
@@ -67,9 +77,12 @@ def pytest_addoption(parser):
                          + ". Default: default on a GPU, smoke on a CPU.")
     group.addoption("--device", choices=("auto", "cuda", "cpu"), default="auto",
                     help="where cases run. auto: cuda when a GPU is visible, else cpu.")
-    group.addoption("--cold-l2", action="store_true", default=False,
-                    help="flush the GPU's L2 cache before every timed call (default: warm L2, as in a model's "
-                         "steady state).")
+    group.addoption("--l2", choices=L2_MODES, default=None,
+                    help="what the cache holds when a timed call starts. rotate: the call cycles through copies of "
+                         "its inputs whose working set exceeds twice the L2, so weights are cold as in a model whose "
+                         "every layer has its own (default on a GPU); warm: the same buffers every call, for "
+                         "microarchitecture work (default on a CPU); flush: a read of twice the L2 before every "
+                         "call, with no host gap inside the timed interval (GPU only).")
     group.addoption("--energy", action="store_true", default=False,
                     help="read NVML's energy counter over a window of at least a second per GPU case: joules per "
                          "call, composed into joules per token. Needs an NVIDIA GPU whose driver exposes the counter.")
@@ -106,9 +119,15 @@ def pytest_configure(config):
     budget = opt.benchmark_max_time if explicit_time else selection.profile.budget_s
     min_rounds = opt.benchmark_min_rounds if any(
         a.startswith("--benchmark-min-rounds") for a in config.invocation_params.args) else selection.profile.min_rounds
-    settings = RunSettings(device=device, budget_s=float(budget), min_rounds=int(min_rounds), cold_l2=opt.cold_l2,
-                           energy=opt.energy and energy_unavailable() is None)
-    config._opbench = _State(selection, settings)
+    if opt.l2 == "flush" and device != "cuda":
+        raise pytest.UsageError("opbench: --l2 flush needs a CUDA GPU (the CPU's caches cannot be flushed "
+                                "without a host gap); on a CPU use warm or rotate")
+    if opt.energy and (device != "cuda" or energy_unavailable()):
+        raise pytest.UsageError("opbench: --energy needs a CUDA GPU whose driver exposes NVML's energy counter: "
+                                + ("this run is on the CPU" if device != "cuda" else str(energy_unavailable())))
+    settings = RunSettings(device=device, budget_s=float(budget), min_rounds=int(min_rounds),
+                           l2=opt.l2 or ("rotate" if device == "cuda" else "warm"), energy=opt.energy)
+    config.stash[STATE] = State(selection, settings)
     config.addinivalue_line("markers", "opbench: a case measured by opbench")
     if not is_reporting_rank():  # under torchrun every rank runs pytest; rank 0 alone reports
         silence_rank(config)
@@ -122,7 +141,7 @@ def pytest_generate_tests(metafunc):
     if op is None and extra is None:
         raise pytest.UsageError(f"{metafunc.module.__name__}: a bench module must name its op family in OP "
                                 "or list its cases in CASES")
-    selection = metafunc.config._opbench.selection
+    selection = state(metafunc.config).selection
     cases = build_cases(selection.plans, op, selection.backends) if op is not None else []
     if extra is not None:
         cases += extra(selection)
@@ -131,24 +150,24 @@ def pytest_generate_tests(metafunc):
 
 def run_settings(config) -> RunSettings:
     """The run's device and timing settings, for bench modules that parametrize their own cases."""
-    return config._opbench.settings
+    return state(config).settings
 
 
 def _recorded(benchmark, request, runner, kept: str):
-    """A function running one case with `runner` and keeping its extra_info in the state's `kept` list
+    """A function running one case with `runner` and keeping its record in the state's `kept` list
     once it was timed, for the end-of-run composition."""
-    state: _State = request.config._opbench
+    run_state = state(request.config)
 
     def run(case) -> None:
-        runner(benchmark, case, state.settings)
-        if benchmark.stats is not None:
-            getattr(state, kept).append((case, dict(benchmark.extra_info)))
+        record = runner(benchmark, case, run_state.settings)
+        if record.timed:
+            getattr(run_state, kept).append(record)
     return run
 
 
 @pytest.fixture
 def measure_case(benchmark, request):
-    """Run a case through the harness: availability, correctness gate, timing, extra_info."""
+    """Run a case through the runner: availability, correctness gate, timing, record."""
     return _recorded(benchmark, request, run_case, "timed")
 
 
@@ -159,17 +178,15 @@ def measure_unit(benchmark, request):
 
 
 def pytest_report_header(config):
-    state: _State | None = getattr(config, "_opbench", None)
-    if state is None:
+    if STATE not in config.stash:
         return None
-    sel = state.selection
+    run_state = config.stash[STATE]
+    sel = run_state.selection
     models = sorted({p.model.name for p in sel.plans})
     return (f"opbench {__version__}: profile {sel.profile.name}, device {sel.device}, "
             f"{len(sel.plans)} plans ({', '.join(models)}), dtypes {','.join(sel.dtypes)}, "
-            f"budget {state.settings.budget_s:g} s/case"
-            + (", TRITON_INTERPRET=1" if os.environ.get("TRITON_INTERPRET") == "1" else "")
-            + (f"\nopbench: --energy: energy is not measured: {energy_unavailable()}"
-               if config.option.energy and not state.settings.energy else ""))
+            f"budget {run_state.settings.budget_s:g} s/case, L2 {run_state.settings.l2}"
+            + (", TRITON_INTERPRET=1" if os.environ.get("TRITON_INTERPRET") == "1" else ""))
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
@@ -186,28 +203,30 @@ def pytest_benchmark_compare_machine_info(config, benchmarksession, machine_info
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
-    state: _State | None = getattr(config, "_opbench", None)
-    if state is None:
+    if STATE not in config.stash:
         return
+    run_state = config.stash[STATE]
     output_json["opbench"] = {
         "version": __version__,
-        "profile": state.selection.profile.name,
-        "device": state.settings.device,
-        "settings": {"budget_s": state.settings.budget_s, "min_rounds": state.settings.min_rounds,
-                     "cold_l2": state.settings.cold_l2},
-        "plans": [p.to_dict() for p in state.selection.plans],
-        **state.composition(),
+        "profile": run_state.selection.profile.name,
+        "device": run_state.settings.device,
+        "settings": asdict(run_state.settings),
+        "plans": [p.to_dict() for p in run_state.selection.plans],
+        **run_state.composition(),
     }
     add_roofline(output_json)  # peaks may run before or after the cases they bound
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's table, which would bury it
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    state: _State | None = getattr(config, "_opbench", None)
-    if state is None or not state.timed or not is_reporting_rank():
+    if STATE not in config.stash or not is_reporting_rank():
+        return
+    run_state = config.stash[STATE]
+    if not run_state.timed:
         return
     terminalreporter.section("opbench summary")
-    for line in summary_lines(state.timed, state.settings.device):
+    for line in summary_lines(run_state.timed, run_state.settings.device):
         terminalreporter.write_line(line)
     terminalreporter.section("opbench estimates")
-    for line in composition_lines(state.composition()):
+    for line in composition_lines(run_state.composition()):
         terminalreporter.write_line(line)

@@ -2,24 +2,39 @@
 
 from __future__ import annotations
 
-from opbench.measure.cases import Case
+from opbench.record import OpCase
 from opbench.ops import get_family
 from opbench.ops.base import PASSES
 from opbench.text import format_seconds, roles_cell, table_lines
 
 
-def summary_lines(timed: list[tuple[Case, dict]], device: str) -> list[str]:
+def summary_lines(timed: list[OpCase], device: str) -> list[str]:
     best: dict[tuple, float] = {}
-    for case, info in timed:
-        best[case.key] = min(best.get(case.key, float("inf")), info["median_s"])
-    rows = [("op", "shape", "dtype", "pass", "backend", "median", "TFLOP/s", "GB/s", "timer", "serves")]
-    for case, info in sorted(timed, key=lambda t: (t[0].op, PASSES.index(t[0].pass_), t[0].dtype)):
-        star = "*" if info["median_s"] <= best[case.key] else ""
-        rows.append((case.op, get_family(case.op).id_of(case.shape), case.dtype, case.pass_, case.backend + star,
-                     format_seconds(info["median_s"]), f"{info['tflops']:.3g}", f"{info['gbps']:.4g}",
-                     f"{info['timer']}x{info['unroll']}", roles_cell(info["roles"])))
-    return [f"medians per call on {device}; * fastest backend for that shape, dtype and pass; "
-            "timer x calls per timed replay (cuda-graph) or round (cpu)", *table_lines(rows)]
+    for r in timed:
+        key = r.key[:3] + r.key[4:]  # identity without the backend
+        best[key] = min(best.get(key, float("inf")), r.median_s)
+    rows = [("op", "shape", "dtype", "pass", "backend", "median", "TFLOP/s", "GB/s", "CI", "timer", "serves")]
+    unstable = 0
+    for r in sorted(timed, key=lambda r: (r.op, PASSES.index(r.pass_), r.dtype)):
+        star = "*" if r.median_s <= best[r.key[:3] + r.key[4:]] else ""
+        stable = r.stability.stable if r.stability else True
+        unstable += not stable
+        shape = get_family(r.op).id_of(get_family(r.op).shape_type(**r.shape))
+        rows.append((r.op, shape, r.dtype, r.pass_, r.backend + star, format_seconds(r.median_s),
+                     f"{r.tflops:.3g}", f"{r.gbps:.4g}", _ci_cell(r), f"{r.timer}x{r.unroll}", roles_cell(r.roles)))
+    return [f"medians per call on {device}; * fastest backend for that shape, dtype and pass; CI: the median's "
+            "95% confidence half-width, ! marks an unstable case; timer x calls per timed replay (cuda-graph) or "
+            "round (cpu)", *table_lines(rows),
+            f"{len(timed)} cases timed, {unstable} unstable" + (" (their medians moved too much between rounds to be "
+                                                                 "trusted to the stability limit)" if unstable else "")]
+
+
+def _ci_cell(r) -> str:
+    if r.stability is None:
+        return "-"
+    ci = r.stability.ci_rel
+    text = f"{100 * ci:.1f}%" if ci != float("inf") else "n/a"
+    return text + ("" if r.stability.stable else "!")
 
 
 _WHAT = {"prefill": "time to first token", "decode": "per output token", "train": "step", "finetune": "step"}
@@ -49,6 +64,7 @@ def composition_lines(result: dict) -> list[str]:
     if result["validation"]:
         lines.append("composed vs measured (units run torch's eager ops; no all-reduce, no optimizer step):")
         for v in result["validation"]:
+            flag = "" if v.get("stable", True) else " (unit unstable)"
             lines.append(f"  {v['plan']} {v['unit']}: measured {format_seconds(v['measured_s'])}, "
-                         f"composed {format_seconds(v['composed_s'])}, error {v['error_pct']:+.1f}%")
+                         f"composed {format_seconds(v['composed_s'])}, error {v['error_pct']:+.1f}%{flag}")
     return lines

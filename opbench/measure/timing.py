@@ -1,87 +1,43 @@
-"""Clocks, CUDA-graph replay, L2 flush, and the correctness gate.
+"""Clocks, rounds and the stopping rule: how one case's samples (seconds per call) are taken.
 
-pytest-benchmark keeps the statistics; this module decides what its clock reads and what one timed
-round is. On CUDA the clock is GPU time between CUDA events, so host-side overhead does not count;
-short kernels are captured several times over in a CUDA graph and replayed, so launch gaps do not
-count either, and the clock divides by the number of calls in the graph so that every statistic
-pytest-benchmark reports is per call. On CPU the clock is time.perf_counter.
+The suite times on its own clock and hands pytest-benchmark the samples (bench_adapter), so every
+statistic in the JSON is this module's measurement:
+
+- CUDA: each round is a CUDA-graph replay of `unroll` calls (or, where a call cannot be captured,
+  the same calls launched eagerly), between two CUDA events. The start event is queued behind a
+  short spin kernel, so the GPU is still busy when the host launches the replay and no host gap
+  falls inside the interval. L2 modes: `rotate` (default) cycles through copies of the inputs whose
+  working set exceeds twice the L2, as a model whose every layer has its own weights; `warm`
+  replays the same buffers; `flush` reads a buffer of twice the L2 before each call (a read leaves
+  no dirty lines for the timed call to write back), the call's start event queued right behind it.
+- CPU: each round is `unroll` calls between two time.perf_counter readings; the machine's load is
+  recorded and a busy one flagged.
+
+Rounds go on until the median's 95% confidence half-width is within the target (0.5%, after
+nvbench's relative-noise rule), or the case's time budget is spent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
-import torch
-
-from opbench.measure.hardware import energy_meter
+from opbench.measure.hardware import HostWatch, energy_meter, gpu_watch
+from opbench.record import Energy, GpuState, HostLoad, median_ci_rel
 
 REPLAY_TARGET_S = 1e-3  # a graph replay (or a CPU round) lasts at least this long...
 MAX_UNROLL = 64  # ...unless that would need more calls than this in one replay
+MAX_COPIES = 256  # input copies a rotation cycles through, at most
 MAX_ROUNDS = 10_000
-
-
-@dataclass(frozen=True)
-class Check:
-    """The correctness gate's verdict: relative error (Frobenius norm) of the worst output."""
-    rel_err: float
-    tol: float
-    output: int = 0  # which output was worst, for ops with several (dq, dk, dv)
-
-    @property
-    def passed(self) -> bool:
-        return self.rel_err <= self.tol  # NaN fails
-
-    def as_dict(self) -> dict:
-        return {"rel_err": self.rel_err, "tol": self.tol, "passed": self.passed, "worst_output": self.output}
-
-
-def check(out: Any, ref: Any, tol: float) -> Check:
-    """Compare an output (or a tuple of them) with its reference, each upcast to the reference's dtype."""
-    outs = out if isinstance(out, (tuple, list)) else (out,)
-    refs = ref if isinstance(ref, (tuple, list)) else (ref,)
-    if len(outs) != len(refs):
-        raise ValueError(f"{len(outs)} outputs but {len(refs)} references")
-    worst = Check(0.0, tol)
-    for i, (o, r) in enumerate(zip(outs, refs)):
-        if tuple(o.shape) != tuple(r.shape):
-            return Check(math.inf, tol, i)
-        o = o.to(r.dtype)
-        denom = torch.linalg.vector_norm(r).item()
-        err = torch.linalg.vector_norm(o - r).item() / (denom if denom > 0 else 1.0)
-        if not err <= worst.rel_err:  # keeps NaN as the worst
-            worst = Check(err, tol, i)
-    return worst
-
-
-class CudaEventClock:
-    """Seconds of GPU time, as pytest-benchmark's timer, divided by `calls_per_tick`.
-
-    Each reading records an event and waits for it. Differences are accumulated in float64 from
-    event to event, since cudaEventElapsedTime's float32 milliseconds lose precision over long spans.
-    """
-
-    def __init__(self, calls_per_tick: int = 1):
-        self.scale = 1e-3 / calls_per_tick
-        self.__name__ = f"cuda_event_clock(/{calls_per_tick})"
-        self._last = self._record()
-        self._total = 0.0
-
-    @staticmethod
-    def _record() -> torch.cuda.Event:
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        event.synchronize()
-        return event
-
-    def __call__(self) -> float:
-        now = self._record()
-        self._total += self._last.elapsed_time(now) * self.scale
-        self._last = now
-        return self._total
+CI_TARGET = 0.005  # stop once the median's 95% confidence half-width is within 0.5% of it
+STABLE_CI = 0.01  # a case whose half-width ends above 1% is marked unstable
+SPIN_S = 50e-6  # spin kernel before each timed replay: longer than the host's launch latency
+ENERGY_WINDOW_S = 1.0  # NVML's energy counter moves in steps of milliseconds: read it over a second
+L2_MODES = ("rotate", "warm", "flush")
 
 
 @dataclass(frozen=True)
@@ -89,128 +45,238 @@ class RunSettings:
     device: str  # "cuda" or "cpu"
     budget_s: float  # time spent timing one case, beyond its warm-up and gate
     min_rounds: int
-    cold_l2: bool = False
+    l2: str = "rotate"  # rotate | warm | flush (CPU runs: warm, or rotate)
     energy: bool = False  # read NVML's energy counter over a window of ENERGY_WINDOW_S per case
+    ci_target: float = CI_TARGET
+    stable_ci: float = STABLE_CI
+
+    def for_units(self) -> RunSettings:
+        """Units (a layer, a model) take longer per call and vary more: ten times the budget."""
+        return replace(self, budget_s=max(10 * self.budget_s, 0.5), min_rounds=max(self.min_rounds, 10))
 
 
 @dataclass(frozen=True)
-class Timing:
-    """How a case was timed; copied into extra_info."""
-    timer: str  # "cuda-graph", "cuda-event" or "cpu"
-    unroll: int  # calls per timed replay (CUDA graph) or per round (CPU iterations)
-    rounds: int
-    energy_j: float | None = None  # per call
-
-
-def rounds_for(round_s: float, budget_s: float, min_rounds: int) -> int:
-    """Rounds that fill the time budget, at least min_rounds."""
-    if round_s <= 0 or not math.isfinite(round_s):
-        return min_rounds
-    return max(min_rounds, min(MAX_ROUNDS, int(budget_s / round_s)))
+class Samples:
+    """What measuring one case gave: per-call seconds of each round, and how they were taken."""
+    per_call_s: list[float]
+    timer: str  # cuda-graph | cuda-event | cpu
+    unroll: int
+    l2: str
+    working_set_bytes: int | None = None
+    host_s: float | None = None  # eager wall time per call with launches (GPU only)
+    gpu: GpuState | None = None
+    host: HostLoad | None = None
+    energy: Energy | None = None
 
 
 def calls_for(call_s: float) -> int:
-    """Calls per timed replay so that one replay lasts about REPLAY_TARGET_S."""
-    if call_s <= 0:
+    """Calls per timed replay (or CPU round) so that one lasts about REPLAY_TARGET_S."""
+    if call_s <= 0 or not math.isfinite(call_s):
         return MAX_UNROLL
     return max(1, min(MAX_UNROLL, math.ceil(REPLAY_TARGET_S / call_s)))
 
 
-def cuda_call_time(fn: Callable[[], Any], calls: int = 3) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
+def copies_for(footprint_bytes: int, cache_bytes: int, l2: str) -> int:
+    """Input copies a call must cycle through so that the working set exceeds twice the cache."""
+    if l2 != "rotate" or footprint_bytes <= 0 or cache_bytes <= 0:
+        return 1
+    return max(1, min(MAX_COPIES, math.ceil(2 * cache_bytes / footprint_bytes)))
+
+
+def take_rounds(one_round: Callable[[], float], budget_s: float, min_rounds: int, ci_target: float,
+                clock: Callable[[], float] = time.perf_counter) -> list[float]:
+    """Rounds until the median is known within ci_target (checked as rounds double), the budget is
+    spent, or MAX_ROUNDS; at least min_rounds."""
+    samples: list[float] = []
+    start = clock()
+    check_at = max(min_rounds, 10)
+    while len(samples) < MAX_ROUNDS:
+        samples.append(one_round())
+        n = len(samples)
+        if n < min_rounds:
+            continue
+        if clock() - start >= budget_s:
+            break
+        if n >= check_at:
+            if median_ci_rel(sorted(samples)) <= ci_target:
+                break
+            check_at = n + max(1, n // 4)  # sorting is O(n log n): check a quarter further on
+    return samples
+
+
+def measure(calls: Sequence[Callable[[], Any]], settings: RunSettings, *, footprint_bytes: int = 0) -> Samples:
+    """Time a case. `calls` run the same work on distinct copies of its inputs (one copy unless the
+    L2 mode rotates); footprint_bytes is what one call touches."""
+    if settings.device == "cuda":
+        return _measure_cuda(list(calls), settings, footprint_bytes)
+    return _measure_cpu(list(calls), settings, footprint_bytes)
+
+
+# CPU -------------------------------------------------------------------------------------------------
+
+def _measure_cpu(calls: list, settings: RunSettings, footprint_bytes: int) -> Samples:
+    for fn in calls:
         fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e-3 / calls
-
-
-def cpu_call_time(fn: Callable[[], Any], calls: int = 3) -> float:
     start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
+    for i in range(3):
+        calls[i % len(calls)]()
+    unroll = max(calls_for((time.perf_counter() - start) / 3), len(calls) if len(calls) > 1 else 1)
+    unroll = min(unroll, max(MAX_UNROLL, len(calls)))
+
+    def one_round() -> float:
+        t0 = time.perf_counter()
+        for i in range(unroll):
+            calls[i % len(calls)]()
+        return (time.perf_counter() - t0) / unroll
+
+    with HostWatch() as watch:
+        samples = take_rounds(one_round, settings.budget_s, settings.min_rounds, settings.ci_target)
+    return Samples(samples, "cpu", unroll, settings.l2, footprint_bytes * len(calls) or None, host=watch.load)
 
 
-def graph_replay(fn: Callable[[], Any], calls: int) -> Callable[[], None]:
-    """Capture `calls` back-to-back calls of fn in a CUDA graph; return its replay."""
+# CUDA ------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def measure_stream(device: str) -> Iterator[None]:
+    """Where a case prepares its inputs, runs its gate and is captured: one side stream on CUDA, so
+    that an autograd backward sees its forward on the stream it is captured on. On the way out,
+    error or not, the stream in use before is current again."""
+    if device != "cuda":
+        yield
+        return
+    import torch
+
+    previous = torch.cuda.current_stream()
     stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # a warm-up on a side stream, as capture requires
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
+    stream.wait_stream(previous)
+    try:
+        with torch.cuda.stream(stream):
+            yield
+    finally:
+        torch.cuda.set_stream(previous)
+        with contextlib.suppress(RuntimeError):  # a failed capture may have left the stream in error
+            previous.wait_stream(stream)
+
+
+def graph_replay(calls: list, unroll: int) -> Callable[[], None]:
+    """Capture `unroll` calls, cycling through `calls`, in one CUDA graph on the current stream."""
+    import torch
+
+    stream = torch.cuda.current_stream()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    torch.cuda.synchronize()
+    try:
+        with torch.cuda.graph(graph, stream=stream):
+            for i in range(unroll):
+                calls[i % len(calls)]()
+    finally:
+        torch.cuda.set_stream(stream)  # torch.cuda.graph switches streams; a failed capture must not leave us there
+    stream.synchronize()
     return graph.replay
 
 
-def l2_flusher(device: torch.device | str = "cuda") -> Callable[[], None]:
-    """A function that evicts the L2 cache by writing a buffer twice its size."""
-    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 * 2**20
-    buf = torch.empty(2 * l2, dtype=torch.uint8, device=device)
+def _spin_cycles() -> int:
+    import torch
 
-    def flush() -> None:
-        buf.zero_()
-    return flush
+    rate_khz = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "clock_rate", 0) or 2_000_000
+    return int(SPIN_S * rate_khz * 1e3)
 
 
-def measure(benchmark, fn: Callable[[], Any], settings: RunSettings) -> Timing:
-    """Time fn with pytest-benchmark after a warm-up; statistics come out per call."""
-    if settings.device == "cuda":
-        return _measure_cuda(benchmark, fn, settings)
-    fn()
-    call_s = cpu_call_time(fn)
-    iterations = calls_for(call_s)
-    rounds = rounds_for(call_s * iterations, settings.budget_s, settings.min_rounds)
-    benchmark._timer = time.perf_counter
-    benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=1)
-    return Timing("cpu", iterations, rounds)
+def _event_round(launch: Callable[[], None], calls_per_round: int, before: Callable[[], None]) -> Callable[[], float]:
+    """A round: `before` (the spin, or the L2 flush), then start event, launch, end event."""
+    import torch
+
+    def one_round() -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        before()
+        start.record()
+        launch()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e-3 / calls_per_round
+    return one_round
 
 
-def _measure_cuda(benchmark, fn, settings: RunSettings) -> Timing:
-    for _ in range(2):
+def host_time(calls: list, n: int = 20) -> float:
+    """Eager wall time per call, launches included: what an eager framework pays."""
+    import torch
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(n):
+        calls[i % len(calls)]()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / n
+
+
+def l2_bytes() -> int:
+    import torch
+
+    return getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0) or 64 * 2**20
+
+
+def l2_flusher() -> Callable[[], None]:
+    """Evicts the L2 by reading (not writing) a buffer twice its size: no dirty line is left for the
+    timed call to write back."""
+    import torch
+
+    buf = torch.ones(2 * l2_bytes() // 4, dtype=torch.float32, device="cuda")
+    out = torch.empty((), dtype=torch.float32, device="cuda")
+    return lambda: torch.sum(buf, out=out)
+
+
+def _measure_cuda(calls: list, settings: RunSettings, footprint_bytes: int) -> Samples:
+    import torch
+
+    for fn in calls:
         fn()
-    call_s = cuda_call_time(fn)
-    budget_s, min_rounds = settings.budget_s, settings.min_rounds
-    if settings.cold_l2:  # one call a round, the flush in pedantic's untimed setup
+    host_s = host_time(calls)  # also the warm-up
+    probe = _event_round(lambda: [calls[i % len(calls)]() for i in range(3)], 3, lambda: None)
+    call_s = min(probe() for _ in range(3))
+    spin_cycles = _spin_cycles()
+
+    def spin() -> None:
+        torch.cuda._sleep(spin_cycles)
+
+    if settings.l2 == "flush":
         flush = l2_flusher()
-        rounds = rounds_for(call_s + cuda_call_time(flush, 1), budget_s, min_rounds)
-        benchmark._timer = CudaEventClock()
-        benchmark.pedantic(fn, setup=flush, rounds=rounds, warmup_rounds=1)
-        return Timing("cuda-event", 1, rounds)
-    calls = calls_for(call_s)
-    try:
-        target, timer = graph_replay(fn, calls), "cuda-graph"
-    except RuntimeError:  # not capturable (host syncs, dynamic allocation): time plain launches
-        torch.cuda.synchronize()
+        timer, unroll, launch, before = "cuda-event", 1, calls[0], flush
+    else:
+        unroll = min(max(calls_for(call_s), len(calls)), max(MAX_UNROLL, len(calls)))
+        try:
+            launch, timer = graph_replay(calls, unroll), "cuda-graph"
+        except RuntimeError:  # not capturable (host syncs, dynamic allocation): time plain launches
+            torch.cuda.synchronize()
 
-        def target():
-            for _ in range(calls):
-                fn()
-        timer = "cuda-event"
-    rounds = rounds_for(call_s * calls, budget_s, min_rounds)
-    benchmark._timer = CudaEventClock(calls)
-    benchmark.pedantic(target, rounds=rounds, warmup_rounds=2)
-    energy = energy_per_call(target, calls, call_s) if settings.energy else None
-    return Timing(timer, calls, rounds, energy)
+            def launch() -> None:
+                for i in range(unroll):
+                    calls[i % len(calls)]()
+            timer = "cuda-event"
+        before = spin
+    one_round = _event_round(launch, unroll, before)
+    one_round()  # a replay to warm the graph
+    with gpu_watch() as watch:
+        samples = take_rounds(one_round, settings.budget_s, settings.min_rounds, settings.ci_target)
+    energy = None
+    if settings.energy:
+        energy = energy_per_call(launch, unroll, sorted(samples)[len(samples) // 2] * unroll)
+    working_set = footprint_bytes * min(len(calls), unroll) if footprint_bytes else None
+    return Samples(samples, timer, unroll, settings.l2, working_set, host_s, watch.state, None, energy)
 
 
-ENERGY_WINDOW_S = 1.0  # NVML's energy counter moves in steps of milliseconds: read it over a second
-
-
-def energy_per_call(target: Callable[[], Any], calls: int, call_s: float) -> float | None:
-    """Joules per call from NVML's energy counter around back-to-back replays filling the window."""
+def energy_per_call(launch: Callable[[], None], calls: int, replay_s: float) -> Energy | None:
+    """Joules per call from NVML's energy counter around back-to-back replays filling the window,
+    the window sized from the replay's device time."""
     meter = energy_meter()
     if meter is None:
         return None
-    replays = max(1, math.ceil(ENERGY_WINDOW_S / max(call_s * calls, 1e-9)))
+    import torch
+
+    replays = max(1, math.ceil(ENERGY_WINDOW_S / max(replay_s, 1e-9)))
     torch.cuda.synchronize()
-    start = meter()
+    start_j, start_s = meter(), time.perf_counter()
     for _ in range(replays):
-        target()
+        launch()
     torch.cuda.synchronize()
-    return (meter() - start) / (replays * calls)
+    return Energy((meter() - start_j) / (replays * calls), time.perf_counter() - start_s)
+
+

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -16,7 +16,10 @@ from opbench.ops.dtypes import get_dtype
 from opbench.ops.base import high_precision, high_precision_dtype
 from opbench.measure.reference_layer import (ReferenceLayer, ReferenceModel, kv_cache, layer_inputs, rope_tables,
                                      supported)
-from opbench.measure.timing import RunSettings, check, measure
+from opbench.measure.gate import check, fail_unless_passed
+from opbench.measure.runner import finish, timed
+from opbench.measure.timing import RunSettings, measure_stream
+from opbench.record import UnitCase as Unit
 from opbench.spec.plan import Plan
 
 WHOLE_MODEL_MAX_PARAMS = 1e9  # whole models are timed only when small (the tiny model on a CPU)
@@ -94,28 +97,25 @@ def _build(case: UnitCase, dtype: torch.dtype, device: str):
     return module, args, forward, run
 
 
-def run_unit_case(benchmark, case: UnitCase, settings: RunSettings) -> None:
+def run_unit_case(benchmark, case: UnitCase, settings: RunSettings) -> Unit:
     w = case.plan.workload
     dtype = get_dtype(w.dtype)
-    info = benchmark.extra_info
-    info.update({"op": case.unit, "plan": case.plan.name, "dtype": w.dtype,
-                 "pass": "fwd+bwd" if w.phase == "train" else "fwd"})
+    record = Unit(unit=case.unit, plan=case.plan.name, dtype=w.dtype, pass_="fwd+bwd" if w.training else "fwd")
     if dtype.name in ("fp8", "tf32"):
         pytest.skip(f"the reference {case.unit} runs in bf16, fp16 or fp32, not {dtype.name}")
     torch.manual_seed(zlib.crc32(case.id.encode()))
-    with torch.no_grad():
-        module, args, forward, run = _build(case, dtype.torch, settings.device)
-        reference = copy.deepcopy(module).to(high_precision_dtype(settings.device))
-        # a unit chains a dozen ops whose rounding errors add up: four times one op's tolerance
-        verdict = check(forward(module, *args), forward(reference, *_upcast(args)), 4 * dtype.tol)
-    del reference
-    info["correct"] = verdict.as_dict()
-    if not verdict.passed:
-        pytest.fail(f"wrong result: relative error {verdict.rel_err:.3g} > tolerance {verdict.tol:g}", pytrace=False)
-    timing = measure(benchmark, run, settings)
-    info.update({"timer": timing.timer, "unroll": timing.unroll})
-    if benchmark.stats is not None:
-        info["median_s"] = benchmark.stats.stats.median
+    with measure_stream(settings.device):
+        with torch.no_grad():
+            module, args, forward, run = _build(case, dtype.torch, settings.device)
+            reference = copy.deepcopy(module).to(high_precision_dtype(settings.device))
+            # a unit chains a dozen ops whose rounding errors add up: four times one op's tolerance
+            verdict = check(forward(module, *args), forward(reference, *_upcast(args)), 4 * dtype.tol)
+        del reference
+        record = replace(record, correct=verdict)
+        fail_unless_passed(verdict)
+        # one copy: a unit's weights are its own, and the whole layer's working set is what it is
+        samples = timed([run], replace(settings.for_units(), l2="warm"), benchmark)
+    return finish(benchmark, record, samples, settings)
 
 
 def _upcast(value):

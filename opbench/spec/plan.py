@@ -46,6 +46,15 @@ class Plan:
         return {"model": asdict(self.model), "workload": asdict(self.workload),
                 "calls": [c.to_dict() for c in self.calls]}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        """A plan as the JSON's opbench.plans holds it."""
+        from opbench.ops import get_family
+
+        calls = tuple(OpCall(c["role"], c["op"], get_family(c["op"]).shape_type(**c["shape"]), c["pass"], c["count"],
+                             c["scope"]) for c in d["calls"])
+        return cls(ModelConfig(**d["model"]), Workload(**d["workload"]), calls)
+
 
 @dataclass(frozen=True)
 class ShardDims:
