@@ -27,6 +27,7 @@ from opbench.record import OpCase
 from opbench.spec.plan import Plan
 
 SOURCES = ("measured", "interpolated", "modeled")
+EXECUTION_MODES = ("graph", "eager")  # CUDA graphs (device time) or eager launches (at least host_s per call)
 
 # Module of a call, by the first part of its role (LoRA adapters count with the layer they adapt).
 MODULE_ORDER = ("attention", "mlp", "norms+residuals", "communication", "embedding+head", "optimizer", "other")
@@ -86,6 +87,7 @@ class CallTime:
 class Breakdown:
     plan: Plan
     calls: tuple[CallTime, ...]
+    mode: str = "graph"  # the execution mode composed: graph (device times) or eager (host launch floor)
 
     @property
     def layer_s(self) -> float:
@@ -124,6 +126,7 @@ class Breakdown:
         total = self.total_s
         return {
             "plan": self.plan.name,
+            "mode": self.mode,
             "layer_s": self.layer_s,
             "total_s": total,
             "energy_j": self.energy_j,
@@ -138,7 +141,7 @@ class Breakdown:
     def from_dict(cls, d: dict, plan: Plan) -> Breakdown:
         """A breakdown as the JSON's opbench.breakdowns holds it, for its plan."""
         return cls(plan, tuple(CallTime(c["role"], c["op"], c["pass"], c["count"], c["scope"], c["time_s"], c["source"],
-                                        c["backend"], c.get("energy_j")) for c in d["calls"]))
+                                        c["backend"], c.get("energy_j")) for c in d["calls"]), d.get("mode", "graph"))
 
 
 def run_breakdowns(section: dict) -> list[Breakdown]:
@@ -151,9 +154,13 @@ class Composer:
     """Looks up, interpolates or models the time of op calls from one run's measurements."""
 
     def __init__(self, measurements: Iterable[OpCase], policy: str = "fastest",
-                 fits: Iterable[AlphaBeta] = (), fabric: str = "h100-nvlink-ring"):
-        """fits: alpha-beta fits of a collectives run, used before the fabric profile."""
-        self.policy = policy
+                 fits: Iterable[AlphaBeta] = (), fabric: str = "h100-nvlink-ring", mode: str = "graph"):
+        """fits: alpha-beta fits of a collectives run, used before the fabric profile. mode: the execution
+        mode composed, "graph" (CUDA graphs: a call costs its device time) or "eager" (a call costs at
+        least its host launch time, the record's host_s)."""
+        if mode not in EXECUTION_MODES:
+            raise ValueError(f"unknown execution mode {mode!r} (known: {', '.join(EXECUTION_MODES)})")
+        self.policy, self.mode = policy, mode
         self.fits = {f.op: f for f in fits}
         self.fabric = get_profile(fabric)
         allowed = backend_filter(policy)
@@ -171,7 +178,7 @@ class Composer:
         key = shape_key(shape)
         exact = self._exact.get((op, key, dtype, pass_))
         if exact is not None:
-            return exact.median_s, "measured", exact.backend, _energy_j(exact)
+            return self._call_s(exact), "measured", exact.backend, _energy_j(exact)
         interpolated = self._interpolate(op, key, dtype, pass_)
         if interpolated is not None:
             return interpolated + (None,)
@@ -180,6 +187,12 @@ class Composer:
             source = self.fits.get(op) or self.fabric
             return self.collective_s(op, fields["size_bytes"], fields["world"]), "modeled", _name(source), None
         return self._model(op, key, dtype, pass_, role), "modeled", None, None
+
+    def _call_s(self, m: OpCase) -> float:
+        """A measured call's time in the composed execution mode."""
+        if self.mode == "eager" and m.host_s is not None:
+            return max(m.median_s, m.host_s)
+        return m.median_s
 
     def collective_s(self, op: str, size_bytes: int, world: int) -> float:
         """One collective call by the alpha-beta model: a measured fit of the op, else the fabric profile."""
@@ -198,7 +211,7 @@ class Composer:
                     continue
                 differ = [k for k in target if fields[k] != target[k]]
                 if len(differ) == 1:
-                    sweeps[differ[0]].append((fields[differ[0]], m.median_s))
+                    sweeps[differ[0]].append((fields[differ[0]], self._call_s(m)))
             for name, points in sweeps.items():
                 t = _interpolate_linear(sorted(points), target[name])
                 if t is not None and (best is None or t < best[0]):
@@ -234,7 +247,7 @@ class Composer:
                        f"--dtype {w.dtype} -k {c.op}" if c.op in FAMILIES else "no bench module measures this op yet")
                 raise MissingMeasurement(f"{missing}; {how}") from None
             calls.append(CallTime(c.role, c.op, c.pass_, c.count, c.scope, t, source, backend, energy))
-        return Breakdown(plan, tuple(calls))
+        return Breakdown(plan, tuple(calls), self.mode)
 
 
 def _name(model) -> str:

@@ -148,7 +148,7 @@ def _training_extras(b: Breakdown, opts: TrainOptions, collective_s: CollectiveT
                            for c in b.calls if c.pass_ in ("dgrad", "wgrad", "bwd"))
             comm = max(0.0, comm - backward)
         calls.append(CallTime("dp.allreduce.grads", "allreduce", "fwd", 1, "model", comm, "modeled", None))
-    return Breakdown(b.plan, tuple(calls))
+    return replace(b, calls=tuple(calls))
 
 
 def idealized_runtime(composer: Composer, model: ModelConfig, *, tp: int = 1, dtype: str = "bf16",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from opbench.analyze.alphabeta import PROFILES as FABRICS
 from opbench.analyze.alphabeta import Fit
-from opbench.analyze.compose import Composer, MissingMeasurement
+from opbench.analyze.compose import EXECUTION_MODES, Composer, MissingMeasurement
 from opbench.record import OpCase, UnitCase
 from opbench.analyze.estimate import TrainOptions, estimate_from, fewest_gpus, idealized_runtime
 from opbench.spec.models import get_model
@@ -95,6 +95,9 @@ def _model_options(p) -> None:
                    help="backends to compose from: fastest (default), vendor, triton, eager, or one backend's name")
     p.add_argument("--collectives", help="a collectives run (torchrun ... pytest collectives/ --benchmark-json=F) "
                                          "whose alpha-beta fits price the all-reduces")
+    p.add_argument("--mode", default="graph", choices=EXECUTION_MODES,
+                   help="execution mode composed: graph (CUDA graphs, a call costs its device time; default) or eager "
+                        "(a call costs at least its measured host launch time, as an eager framework pays)")
     p.add_argument("--fabric", default="h100-nvlink-ring", choices=sorted(FABRICS),
                    help="fabric profile for collectives no fit covers (default h100-nvlink-ring)")
 
@@ -108,7 +111,7 @@ def _composer(args) -> tuple[Run, Composer]:
         if not fits:
             raise RunError(f"{args.collectives} holds no alpha-beta fits (opbench.collectives.fits); expected "
                            "a run of `torchrun ... -m pytest collectives/ --benchmark-json=FILE`")
-    return run, Composer(run.measurements, args.policy, fits, args.fabric)
+    return run, Composer(run.measurements, args.policy, fits, args.fabric, args.mode)
 
 
 def _estimate_command(args) -> int:
@@ -130,7 +133,7 @@ def _estimate_command(args) -> int:
         print()
         return 0
     result = {"breakdowns": [breakdown.to_dict()], "estimates": [est.to_dict()], "validation": [], "missing": []}
-    print(f"from {run.path} ({device_label(run.machine_info, run.device)}), policy {args.policy}")
+    print(f"from {run.path} ({device_label(run.machine_info, run.device)}), policy {args.policy}, execution mode {args.mode}")
     for line in composition_lines(result):
         print(line)
     if est.mfu is not None:
