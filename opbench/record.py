@@ -153,6 +153,11 @@ class Record:
     def timed(self) -> bool:
         return self.median_s is not None
 
+    @property
+    def throttled(self) -> tuple[str, ...]:
+        """The card's slowdowns (power, thermal) seen while the rounds ran."""
+        return self.gpu.throttled if self.gpu else ()
+
 
 @dataclass(frozen=True, kw_only=True)
 class OpCase(Record):

@@ -64,10 +64,6 @@ def _quartiles(m: OpCase) -> tuple[float, float]:
     return (m.stability.q1_s, m.stability.q3_s) if m.stability else (m.median_s, m.median_s)
 
 
-def _throttled(m: OpCase) -> tuple[str, ...]:
-    return m.gpu.throttled if m.gpu else ()
-
-
 def _cycles_change(base: OpCase, new: OpCase) -> float | None:
     """The change in cycles (time x mean SM clock), where both records carry the clock."""
     bc, nc = (m.gpu.sm_clock_mhz if m.gpu else None for m in (base, new))
@@ -89,7 +85,7 @@ def verdict(base: OpCase, new: OpCase, threshold: float, drift: Drift = Drift(),
         return "ambiguous"
     if abs(math.log(1 + change) - drift.log_shift) <= max(ROBUST_Z * drift.log_sigma, math.log(1 + threshold)):
         return "ambiguous"  # the whole run moved about as much
-    if _throttled(base) or _throttled(new):
+    if base.throttled or new.throttled:
         return "throttled"
     cycles = _cycles_change(base, new)
     if cycles is not None and abs(cycles) <= threshold:
@@ -152,7 +148,7 @@ def change_rows(c: Comparison, changes: list[Change]) -> list[tuple]:
                      "..".join(map(format_seconds, _quartiles(ch.base))),
                      "..".join(map(format_seconds, _quartiles(ch.new))),
                      f"{_share(ch.base, ceil_base)} -> {_share(ch.new, ceil_new)}",
-                     ", ".join(sorted(set(_throttled(ch.base)) | set(_throttled(ch.new)))) or "-"))
+                     ", ".join(sorted(set(ch.base.throttled) | set(ch.new.throttled))) or "-"))
     return rows if roofline else [row[:6] + row[7:] for row in rows]
 
 

@@ -19,7 +19,7 @@ from opbench.analyze.compare import (DEFAULT_THRESHOLD_PCT, SECTIONS, Comparison
 from opbench.measure.peaks import comparison_rows, datasheet_for, measured_peaks
 from opbench.analyze.roofline import Ceilings, bound, run_ceilings
 from opbench.analyze.compose import Breakdown, run_breakdowns
-from opbench.analyze.runs import Run, device_label, environment, label, load_run, resolve_run, used_gpu
+from opbench.analyze.runs import Run, device_label, environment, label, load_run, resolve_run, shape_id, used_gpu
 from opbench.record import OpCase
 from opbench.text import format_seconds, roles_cell
 
@@ -126,20 +126,20 @@ def _op_tables_html(run: Run, ceil: Ceilings | None) -> str:
     by_op: dict[str, dict[tuple, dict[str, OpCase]]] = defaultdict(lambda: defaultdict(dict))
     for m in run.measurements:
         if m.kind != "peak":  # peak cases have their own section
-            by_op[m.op][(m.shape_id, m.dtype, m.pass_)][m.backend] = m
+            by_op[m.op][(shape_id(m), m.dtype, m.pass_)][m.backend] = m
     parts = []
     for op in sorted(by_op):
         cases = by_op[op]
         backends = sorted({b for per_backend in cases.values() for b in per_backend})
         head = "".join(f"<th>{_e(h)}</th>" for h in ("shape", "dtype", "pass", *backends, "serves"))
         rows = []
-        for (shape_id, dtype, pass_), per_backend in cases.items():
+        for (shape, dtype, pass_), per_backend in cases.items():
             fastest = min(m.median_s for m in per_backend.values())
             cells = "".join(_cell(per_backend[b], ceil, per_backend[b].median_s == fastest) if b in per_backend
                             else "<td class=num>-</td>" for b in backends)
             roles = next(iter(per_backend.values())).roles
             serves = roles_cell(roles)
-            rows.append(f"<tr><td>{_e(shape_id)}</td><td>{_e(dtype)}</td><td>{_e(pass_)}</td>{cells}"
+            rows.append(f"<tr><td>{_e(shape)}</td><td>{_e(dtype)}</td><td>{_e(pass_)}</td>{cells}"
                         f"<td>{_e(serves)}</td></tr>")
         parts.append(f"<h3>{_e(op)}</h3><table><tr>{head}</tr>{''.join(rows)}</table>")
     return ("<p class=note>Median per call; bold: the fastest backend for that shape, dtype and pass; "

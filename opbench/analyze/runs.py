@@ -41,11 +41,17 @@ class Run:
         return [m for m in self.measurements if m.kind == kind]
 
 
+def shape_id(m: OpCase) -> str:
+    """The shape as the test id spells it."""
+    if m.op in FAMILIES:
+        family = get_family(m.op)
+        return family.id_of(family.shape_type(**m.shape))
+    return "x".join(str(v) for v in m.shape.values())
+
+
 def label(m: OpCase) -> str:
     """op, shape (as in the test id), dtype, pass and backend."""
-    shape = get_family(m.op).id_of(get_family(m.op).shape_type(**m.shape)) if m.op in FAMILIES else \
-        "x".join(str(v) for v in m.shape.values())
-    return f"{m.op} {shape} {m.dtype} {m.pass_} {m.backend}"
+    return f"{m.op} {shape_id(m)} {m.dtype} {m.pass_} {m.backend}"
 
 
 def _records(benchmarks: list) -> list[Record]:
