@@ -19,6 +19,9 @@ ACTIVATIONS = ("swiglu", "geglu", "gelu")
 ROTARY = ("neox", "gptj", "none")
 
 
+ROUTERS = ("softmax", "sigmoid")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
@@ -26,16 +29,30 @@ class ModelConfig:
     layers: int
     heads: int  # query heads
     kv_heads: int  # key/value heads (== heads: MHA, 1: MQA, between: GQA)
-    head_dim: int
-    ffn_hidden: int  # MLP intermediate width (per expert for MoE)
+    head_dim: int  # query/key head width (MLA: the non-rotary and rotary parts together)
+    ffn_hidden: int  # dense MLP intermediate width (Mixtral-style MoE: also each expert's)
     vocab: int
     max_seq_len: int
     norm: str = "rmsnorm"
     activation: str = "swiglu"  # swiglu/geglu are gated: gate and up projections fused
     rotary: str = "neox"  # rotary layout; "none" for learned absolute positions
     sliding_window: int = 0  # 0: full attention
-    experts: int = 1  # MoE experts per layer; 1 for a dense MLP
+    window_layers: tuple[int, ...] = ()  # layers that use the window; () with a window: every layer
+    attention_sinks: bool = False  # a learned logit per head in every softmax (gpt-oss)
+    # Mixture of experts
+    experts: int = 1  # routed experts per MoE layer; 1 for a dense MLP
     experts_per_token: int = 1
+    moe_ffn_hidden: int = 0  # each routed expert's MLP width; 0: ffn_hidden
+    shared_experts: int = 0  # experts every token passes through, beside the routed ones
+    shared_ffn_hidden: int = 0  # each shared expert's width; 0: the routed experts' width
+    dense_layers: tuple[int, ...] = ()  # MoE models: the layers whose MLP is dense
+    router: str = "softmax"  # softmax | sigmoid scores over the experts
+    router_norm: bool = True  # the top-k weights are renormalised to sum to one
+    # Multi-head latent attention (DeepSeek-V2/V3); kv_lora_rank 0: ordinary attention
+    q_lora_rank: int = 0  # 0: queries projected directly from the hidden state
+    kv_lora_rank: int = 0  # the latent K/V cache width
+    qk_rope_head_dim: int = 0  # the decoupled rotary part of head_dim, shared by the heads in the cache
+    v_head_dim: int = 0  # 0: head_dim
     tied_embeddings: bool = False
     source: str = ""  # where the numbers come from
 
@@ -45,13 +62,23 @@ class ModelConfig:
             value = getattr(self, f)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"model {self.name!r}: {f} must be a positive integer, got {value!r}")
-        if self.sliding_window < 0:
-            raise ConfigError(f"model {self.name!r}: sliding_window must be >= 0, got {self.sliding_window}")
+        for f in ("sliding_window", "moe_ffn_hidden", "shared_experts", "shared_ffn_hidden", "q_lora_rank",
+                  "kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+            value = getattr(self, f)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"model {self.name!r}: {f} must be an integer >= 0, got {value!r}")
         if self.heads % self.kv_heads:
             raise ConfigError(f"model {self.name!r}: heads ({self.heads}) is not a multiple of kv_heads ({self.kv_heads})")
         if self.experts_per_token > self.experts:
             raise ConfigError(f"model {self.name!r}: experts_per_token ({self.experts_per_token}) > experts ({self.experts})")
-        for f, allowed in (("norm", NORMS), ("activation", ACTIVATIONS), ("rotary", ROTARY)):
+        for f in ("dense_layers", "window_layers"):
+            bad = [i for i in getattr(self, f) if not 0 <= i < self.layers]
+            if bad:
+                raise ConfigError(f"model {self.name!r}: {f} {bad} are not layers 0..{self.layers - 1}")
+        if self.mla and not 0 < self.qk_rope_head_dim < self.head_dim:
+            raise ConfigError(f"model {self.name!r}: multi-head latent attention needs 0 < qk_rope_head_dim "
+                              f"({self.qk_rope_head_dim}) < head_dim ({self.head_dim})")
+        for f, allowed in (("norm", NORMS), ("activation", ACTIVATIONS), ("rotary", ROTARY), ("router", ROUTERS)):
             if getattr(self, f) not in allowed:
                 raise ConfigError(f"model {self.name!r}: {f} must be one of {', '.join(allowed)}, got {getattr(self, f)!r}")
 
@@ -60,17 +87,88 @@ class ModelConfig:
         return self.activation in ("swiglu", "geglu")
 
     @property
+    def moe(self) -> bool:
+        return self.experts > 1
+
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def expert_ffn(self) -> int:
+        """Each routed expert's MLP width."""
+        return self.moe_ffn_hidden or self.ffn_hidden
+
+    @property
+    def shared_ffn(self) -> int:
+        """Each shared expert's MLP width."""
+        return self.shared_ffn_hidden or self.expert_ffn
+
+    @property
+    def value_dim(self) -> int:
+        return self.v_head_dim or self.head_dim
+
+    def moe_layer(self, i: int) -> bool:
+        return self.moe and i not in self.dense_layers
+
+    def window_layer(self, i: int) -> bool:
+        return self.sliding_window > 0 and (not self.window_layers or i in self.window_layers)
+
+    def layer_kinds(self) -> dict[tuple[str, str], int]:
+        """How many layers of each kind: (attention "full" | "window", MLP "dense" | "moe") -> count."""
+        kinds: dict[tuple[str, str], int] = {}
+        for i in range(self.layers):
+            kind = ("window" if self.window_layer(i) else "full", "moe" if self.moe_layer(i) else "dense")
+            kinds[kind] = kinds.get(kind, 0) + 1
+        return kinds
+
+    @property
+    def kv_cache_elements_per_token(self) -> int:
+        """Elements one layer caches per token: K and V of every kv head, or MLA's latent and rotary key."""
+        if self.mla:
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return self.kv_heads * (self.head_dim + self.value_dim)
+
+    @property
+    def attention_params(self) -> int:
+        h, d = self.hidden, self.head_dim
+        if self.mla:
+            q = (h * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * self.heads * d if self.q_lora_rank
+                 else h * self.heads * d)
+            kv = h * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
+            kv += self.kv_lora_rank * self.heads * (d - self.qk_rope_head_dim + self.value_dim)
+            return q + kv + self.heads * self.value_dim * h
+        return h * (self.heads * d + self.kv_heads * (d + self.value_dim)) + self.heads * self.value_dim * h
+
+    def mlp_params(self, moe: bool, active: bool = False) -> int:
+        """One layer's MLP weights: dense, or a MoE layer's (every expert, or the ones a token uses)."""
+        per = (3 if self.gated else 2) * self.hidden
+        if not moe:
+            return per * self.ffn_hidden
+        routed = self.experts_per_token if active else self.experts
+        return per * (routed * self.expert_ffn + self.shared_experts * self.shared_ffn) + self.hidden * self.experts
+
+    def layer_params(self, i: int, active: bool = False) -> int:
+        """Weights of decoder layer i (projections, norms), biases ignored."""
+        return self.attention_params + self.mlp_params(self.moe_layer(i), active) + 2 * self.hidden
+
+    @property
     def params_per_layer(self) -> int:
-        """Weights of one decoder layer (projections, norms), biases ignored."""
-        attn = self.hidden * (self.heads + 2 * self.kv_heads) * self.head_dim + self.heads * self.head_dim * self.hidden
-        mlp = self.experts * (3 if self.gated else 2) * self.hidden * self.ffn_hidden
-        router = self.hidden * self.experts if self.experts > 1 else 0
-        return attn + mlp + router + 2 * self.hidden
+        """The mean weights of a decoder layer."""
+        return sum(self.layer_params(i) for i in range(self.layers)) // self.layers
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2) + self.hidden  # and the final norm
 
     @property
     def params(self) -> int:
-        embed = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
-        return self.layers * self.params_per_layer + embed + self.hidden
+        return sum(self.layer_params(i) for i in range(self.layers)) + self.embedding_params
+
+    @property
+    def active_params(self) -> int:
+        """Weights one token uses: the routed experts it is sent to, not all of them (embeddings counted)."""
+        return sum(self.layer_params(i, active=True) for i in range(self.layers)) + self.embedding_params
 
 
 def _llama(name, hidden, layers, heads, kv_heads, ffn, vocab, max_seq, source, **kw) -> ModelConfig:
@@ -95,6 +193,21 @@ ZOO: dict[str, ModelConfig] = {m.name: m for m in (
            sliding_window=4096),
     _llama("mixtral-8x7b", 4096, 32, 32, 8, 14336, 32000, 32768, "mistralai/Mixtral-8x7B-v0.1 config.json",
            experts=8, experts_per_token=2),
+    _llama("mixtral-8x22b", 6144, 56, 48, 8, 16384, 32000, 65536, "mistralai/Mixtral-8x22B-v0.1 config.json",
+           experts=8, experts_per_token=2),
+    ModelConfig(name="qwen3-30b-a3b", hidden=2048, layers=48, heads=32, kv_heads=4, head_dim=128, ffn_hidden=6144,
+                vocab=151936, max_seq_len=40960, experts=128, experts_per_token=8, moe_ffn_hidden=768,
+                source="Qwen/Qwen3-30B-A3B config.json"),
+    ModelConfig(name="qwen3-235b-a22b", hidden=4096, layers=94, heads=64, kv_heads=4, head_dim=128, ffn_hidden=12288,
+                vocab=151936, max_seq_len=40960, experts=128, experts_per_token=8, moe_ffn_hidden=1536,
+                source="Qwen/Qwen3-235B-A22B config.json"),
+    ModelConfig(name="deepseek-v3", hidden=7168, layers=61, heads=128, kv_heads=128, head_dim=192, ffn_hidden=18432,
+                vocab=129280, max_seq_len=163840, experts=256, experts_per_token=8, moe_ffn_hidden=2048,
+                shared_experts=1, dense_layers=(0, 1, 2), router="sigmoid", q_lora_rank=1536, kv_lora_rank=512,
+                qk_rope_head_dim=64, v_head_dim=128, source="deepseek-ai/DeepSeek-V3 config.json"),
+    ModelConfig(name="gpt-oss-120b", hidden=2880, layers=36, heads=64, kv_heads=8, head_dim=64, ffn_hidden=2880,
+                vocab=201088, max_seq_len=131072, sliding_window=128, window_layers=tuple(range(0, 36, 2)),
+                attention_sinks=True, experts=128, experts_per_token=4, source="openai/gpt-oss-120b config.json"),
     ModelConfig(name="gpt-3-175b", hidden=12288, layers=96, heads=96, kv_heads=96, head_dim=128,
                 ffn_hidden=4 * 12288, vocab=50257, max_seq_len=2048, norm="layernorm", activation="gelu",
                 rotary="none", source="Brown et al. 2020, Table 2.1 (GPT-2 tokenizer vocabulary)"),
@@ -105,6 +218,11 @@ ZOO: dict[str, ModelConfig] = {m.name: m for m in (
     ModelConfig(name="tiny-alt", hidden=160, layers=2, heads=5, kv_heads=5, head_dim=32, ffn_hidden=432,
                 vocab=999, max_seq_len=512, norm="layernorm", activation="geglu", rotary="gptj",
                 sliding_window=64, source=TEST_MODEL),
+    # A mixture of experts small enough for a CPU: a dense first layer, then routed experts of an odd
+    # width beside a shared expert.
+    ModelConfig(name="tiny-moe", hidden=192, layers=2, heads=6, kv_heads=2, head_dim=32, ffn_hidden=520, vocab=1000,
+                max_seq_len=512, experts=8, experts_per_token=2, moe_ffn_hidden=136, shared_experts=1,
+                dense_layers=(0,), source=TEST_MODEL),
 )}
 
 
@@ -123,7 +241,8 @@ def get_model(spec: str) -> ModelConfig:
 
 # Hugging Face model types whose MLP is gated (gate and up projections, then a GLU).
 _GATED_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
-                "gemma3_text", "phi3", "olmo", "olmo2", "granite", "cohere", "starcoder2_gated"}
+                "gemma3_text", "phi3", "olmo", "olmo2", "olmoe", "granite", "cohere", "starcoder2_gated",
+                "deepseek_v2", "deepseek_v3", "gpt_oss", "llama4_text"}
 _GPT2_KEYS = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
               "n_positions": "max_position_embeddings", "n_inner": "intermediate_size"}
 
@@ -171,14 +290,25 @@ def load_hf_config(path: str | Path) -> ModelConfig:
     else:
         activation = "gelu"
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
-    experts = cfg.get("num_local_experts", cfg.get("num_experts")) or 1
+    layer_types = cfg.get("layer_types")
+    window_layers: tuple[int, ...] = ()
+    if window and isinstance(layer_types, list):
+        window_layers = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
+    moe = _moe_fields(cfg, where, field("num_hidden_layers"), model_type)
+    mla = {}
+    if cfg.get("kv_lora_rank"):  # q_lora_rank may be null: queries projected directly (DeepSeek-V2-Lite)
+        mla = {k: field(k) if k != "q_lora_rank" else (field(k) if cfg.get(k) else 0)
+               for k in ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim")}
+    head_dim = field("head_dim", hidden // heads)
+    if mla:  # MLA: a query/key head is its non-rotary part and its rotary part
+        head_dim = field("qk_nope_head_dim") + field("qk_rope_head_dim")
     return ModelConfig(
         name=path.parent.name if path.name == "config.json" and path.parent.name else path.stem,
         hidden=hidden,
         layers=field("num_hidden_layers"),
         heads=heads,
         kv_heads=field("num_key_value_heads", heads),
-        head_dim=field("head_dim", hidden // heads),
+        head_dim=head_dim,
         ffn_hidden=field("intermediate_size", None if not gpt2_style else 4 * hidden),
         vocab=field("vocab_size"),
         max_seq_len=field("max_position_embeddings", 2048),
@@ -186,9 +316,62 @@ def load_hf_config(path: str | Path) -> ModelConfig:
         activation=activation,
         rotary="none" if gpt2_style else ("gptj" if model_type == "gptj" else "neox"),
         sliding_window=int(window or 0),
-        experts=int(experts),
-        experts_per_token=int(cfg.get("num_experts_per_tok", 1) if experts > 1 else 1),
+        window_layers=window_layers,
+        attention_sinks=model_type == "gpt_oss",
+        **moe,
+        **mla,
         tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         source=str(path),
     )
 
+
+
+# The names MoE configs give their fields, first match wins.
+_EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts")
+_EXPERTS_PER_TOKEN = ("num_experts_per_tok", "experts_per_token", "moe_topk")
+_RENORMALISED_BY_DEFAULT = {"mixtral", "gpt_oss", "deepseek_v3", "qwen3_moe"}  # routers that renormalise the top-k
+
+
+def _moe_fields(cfg: dict, where: str, layers: int, model_type: str) -> dict:
+    """The MoE fields of a config under their usual names; a field present but unreadable is named."""
+    def number(key: str, minimum: int = 1) -> int:
+        value = cfg[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ConfigError(f"{where}: field '{key}' must be an integer >= {minimum}, got {value!r}")
+        return value
+
+    experts = next((number(k) for k in _EXPERTS if cfg.get(k) is not None), 1)
+    if experts <= 1:
+        return {}
+    per_token = next((number(k) for k in _EXPERTS_PER_TOKEN if cfg.get(k) is not None), None)
+    if per_token is None:
+        raise ConfigError(f"{where}: a mixture of {experts} experts, but no field says how many a token uses "
+                          f"(looked for {', '.join(_EXPERTS_PER_TOKEN)})")
+    out = {"experts": experts, "experts_per_token": per_token}
+    if cfg.get("moe_intermediate_size") is not None:
+        out["moe_ffn_hidden"] = number("moe_intermediate_size")
+    if cfg.get("shared_expert_intermediate_size"):  # Qwen2-MoE: one shared expert of its own width
+        out["shared_experts"], out["shared_ffn_hidden"] = 1, number("shared_expert_intermediate_size")
+    elif cfg.get("n_shared_experts"):  # DeepSeek: shared experts of the routed width
+        out["shared_experts"] = number("n_shared_experts")
+    dense: set[int] = set()
+    if cfg.get("first_k_dense_replace"):
+        dense.update(range(min(number("first_k_dense_replace", 0), layers)))
+    step_key = next((k for k in ("decoder_sparse_step", "moe_layer_freq", "interleave_moe_layer_step")
+                     if cfg.get(k) is not None), None)
+    if step_key:
+        step = number(step_key)
+        dense.update(i for i in range(layers) if (i + 1) % step)
+    only = cfg.get("mlp_only_layers")
+    if only:
+        if not isinstance(only, list) or not all(isinstance(i, int) and 0 <= i < layers for i in only):
+            raise ConfigError(f"{where}: field 'mlp_only_layers' must list layer indices 0..{layers - 1}, got {only!r}")
+        dense.update(only)
+    out["dense_layers"] = tuple(sorted(dense))
+    scoring = cfg.get("scoring_func", "softmax")
+    if scoring not in ROUTERS:
+        raise ConfigError(f"{where}: field 'scoring_func' is {scoring!r}; opbench knows {', '.join(ROUTERS)}")
+    out["router"] = scoring
+    norm = cfg.get("norm_topk_prob")
+    out["router_norm"] = bool(norm) if norm is not None else model_type in _RENORMALISED_BY_DEFAULT
+    return out
