@@ -8,7 +8,7 @@ import sys
 from dataclasses import asdict
 
 from opbench.analyze import compare, report, session
-from opbench.measure import peaks
+from opbench.measure import peaks, selftest
 from opbench.analyze.charts import ReportError
 from opbench.analyze.compose import MissingMeasurement
 from opbench.spec.models import ZOO, ConfigError, get_model
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", help="workload dtype: bf16, fp16, fp32, tf32, fp8 (default bf16)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_plan)
-    for command in (compare, report, peaks, session):
+    for command in (compare, report, peaks, session, selftest):
         command.add_command(sub)
     return parser
 

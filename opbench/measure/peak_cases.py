@@ -102,7 +102,7 @@ def _skip_reason(case: PeakCase, device: str) -> str | None:
     return None
 
 
-def _prepare(case: PeakCase, device: str) -> tuple[Callable[[], object], Callable[[], tuple]]:
+def prepare(case: PeakCase, device: str) -> tuple[Callable[[], object], Callable[[], tuple]]:
     """(the timed call, a check that returns (output, expected output) of one call on fresh data)."""
     dtype = get_dtype(case.dtype)
     if case.kind == "matmul":
@@ -169,7 +169,7 @@ def run_peak(benchmark, case: PeakCase, settings: RunSettings) -> Peak:
     torch.manual_seed(0)
     with measure_stream(device):
         with dtype.math_mode():
-            fn, outputs = _prepare(case, device)
+            fn, outputs = prepare(case, device)
             out, expected = outputs()
         with get_dtype("fp32").math_mode():
             verdict = check(out, expected, dtype.tol if case.kind == "matmul" else 0.0)
