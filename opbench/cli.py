@@ -7,7 +7,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from opbench.analyze import compare, report, session
+from opbench.analyze import compare, history, report, session
 from opbench.measure import peaks, selftest
 from opbench.analyze.charts import ReportError
 from opbench.analyze.compose import MissingMeasurement
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", help="workload dtype: bf16, fp16, fp32, tf32, fp8 (default bf16)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_plan)
-    for command in (compare, report, peaks, session, selftest):
+    for command in (compare, history, report, peaks, session, selftest):
         command.add_command(sub)
     return parser
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args) or 0  # compare: 1 on a regression
+        return args.func(args) or 0  # compare, history: 1 on a regression
     except (ConfigError, PlanError, RunError, ReportError, MissingMeasurement) as error:
         parser.exit(2, f"opbench: error: {error}\n")
 

@@ -139,3 +139,69 @@ def breakdown_svg(rows: list[Breakdown]) -> str:
         ax.set_title(f"the first {MAX_BARS} of {len(measured)} workloads; the table lists all", fontsize=9, pad=28)
     ax.legend(fontsize=8, ncols=4, loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False)
     return _svg(fig, "breakdown")
+
+
+# Verdict colours of the trend charts, as the report's text colours them (.regression, .improvement, ...)
+VERDICT_COLOURS = {"regression": "#b00020", "improvement": "#00693e", "throttled": "#a15c00", "clock": "#6a6a6a",
+                   "ambiguous": "#6a6a6a", "same": "#bbbbbb"}
+
+
+@dataclass(frozen=True)
+class TrendStep:
+    """A step drawn on a trend chart: a line where the new level starts, labelled with what changed."""
+    run: int  # the run's number in the history, from 1
+    label: str
+    verdict: str
+
+
+def _time_scale(values: list[float]) -> tuple[float, str]:
+    top = max(values, default=1.0)
+    return next(((1 / s, u) for s, u in ((1.0, "s"), (1e-3, "ms"), (1e-6, "us")) if top >= s), (1e9, "ns"))
+
+
+def trend_svg(name: str, title: str, runs: list[int], values: list[float], levels: list[float],
+              steps: list[TrendStep], *, seconds: bool = True, band: list[tuple[float, float]] | None = None,
+              trusted: list[bool] | None = None) -> str:
+    """A small line chart of one series over the runs of a history: the values (hollow where the
+    record was not trusted), the rounds' interquartile band, the fitted levels dashed, and each step a
+    vertical line in its verdict's colour, labelled with the environment change at that run. `seconds`:
+    values are times (scaled to a readable unit); else a dimensionless index."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.2, 2.3))
+    scale, unit = _time_scale(values) if seconds else (1.0, "x usual")
+    ys = [v * scale for v in values]
+    if band:
+        ax.fill_between(runs, [lo * scale for lo, _ in band], [hi * scale for _, hi in band], color="#0072B2",
+                        alpha=0.15, lw=0, gid=f"{name}-band")
+    ax.plot(runs, ys, color="#0072B2", lw=1.2, gid=f"{name}-line")
+    trusted = trusted or [True] * len(runs)
+    for ok in (True, False):
+        xs = [r for r, t in zip(runs, trusted) if t is ok]
+        if xs:
+            ax.scatter(xs, [y for y, t in zip(ys, trusted) if t is ok], s=14, zorder=3,
+                       facecolors="#0072B2" if ok else "white", edgecolors="#0072B2", linewidths=1,
+                       gid=f"{name}-{'trusted' if ok else 'untrusted'}")
+    # a level holds from one run to the next; "mid" puts its change halfway between them, where the step line is
+    ax.step(runs, [v * scale for v in levels], where="mid", color="#444", lw=1, ls="--", gid=f"{name}-levels")
+    right = (min(runs) + 0.6 * (max(runs) - min(runs))) if runs else 0
+    for i, s in enumerate(steps):
+        colour = VERDICT_COLOURS.get(s.verdict, "#6a6a6a")
+        ax.axvline(s.run - 0.5, color=colour, lw=1.4, gid=f"{name}-step-{i}")
+        text = s.label if len(s.label) <= 48 else s.label[:47] + "…"
+        on_right = s.run > right  # a label near the right edge reads leftwards from its line
+        ax.annotate(f"#{s.run} {s.verdict}: {text}", (s.run - 0.5, 1.0), xycoords=("data", "axes fraction"),
+                    fontsize=7, color=colour, va="top",
+                    ha="right" if on_right else "left", xytext=(-3 if on_right else 3, -2 - 9 * i),
+                    textcoords="offset points", gid=f"{name}-step-label-{i}")
+    ax.set_title(title, fontsize=9, loc="left")
+    ax.set_xlabel("run", fontsize=8)
+    ax.set_ylabel(unit, fontsize=8)
+    ax.tick_params(labelsize=7)
+    if runs:
+        ax.set_xlim(min(runs) - 0.6, max(runs) + 0.6)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    lo, hi = min(ys + [v * scale for v in levels], default=0), max(ys, default=1)
+    pad = (hi - lo) * 0.15 or abs(hi) * 0.05 or 1
+    ax.set_ylim(lo - pad, hi + pad * (1 + 1.2 * len(steps)))  # room above the line for the step labels
+    ax.grid(True, color="#eee", lw=0.5)
+    return _svg(fig, name)

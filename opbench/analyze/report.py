@@ -1,7 +1,9 @@
 """`opbench report RUN.json [BASE.json] -o report.html`: one self-contained HTML page of a run.
 
-The page holds, in order: the comparison with BASE when given, the roofline (each case a point,
-coloured by op family, under the run's measured ceilings or its GPU's datasheet), the module-wise
+The page holds, in order: the comparison with BASE when given, the trends of the run's card over a
+history of runs when --history is given (a chart per flagged case and per op family, the versions of
+every run), the roofline (each case a point, coloured by op family, under the run's measured
+ceilings or its GPU's datasheet), the module-wise
 breakdown per workload, per-op tables with the backends side by side, the measured peaks, and the
 environment. Charts are inline SVG, so the file needs nothing beside it.
 """
@@ -13,7 +15,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from opbench import __version__
-from opbench.analyze.charts import Point, breakdown_svg, module_colours, roofline_svg
+from opbench.analyze import history as hist
+from opbench.analyze.charts import Point, TrendStep, breakdown_svg, module_colours, roofline_svg, trend_svg
 from opbench.analyze.compare import (DEFAULT_THRESHOLD_PCT, SECTIONS, Comparison, change_rows, compare_runs, share_pct,
                              threshold_pct)
 from opbench.measure.peaks import comparison_rows, datasheet_for, measured_peaks
@@ -33,6 +36,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: now
 td.best { font-weight: 600; } .sub { color: #666; font-size: 12px; font-weight: normal; }
 .regression { color: #b00020; } .improvement { color: #00693e; } .throttled { color: #a15c00; }
 figure { margin: 1em 0; } figure svg { width: 100%; height: auto; }
+.trends { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 0 1.5em; }
 """
 
 
@@ -171,14 +175,71 @@ def _environment_html(run: Run, base: Run | None) -> str:
                                                  if v is not None or old[k] is not None], numeric_from=3)
 
 
+MAX_TREND_CHARTS = 24  # flagged cases charted; the table lists them all
+
+
+def _trend_steps(h: hist.History, steps) -> list[TrendStep]:
+    return [TrendStep(s.run + 1, hist.change_text(s.environment), s.verdict) for s in steps if s.verdict != "same"]
+
+
+def _trends_html(h: hist.History) -> str:
+    clock = (f"times normalised to the reference SM clock of {h.reference_clock_mhz:.0f} MHz" if h.reference_clock_mhz
+             else "raw medians (no SM clocks recorded)")
+    parts = [f"<p>{len(h.runs)} runs of {_e(h.card)} ordered by {_e(h.by)}; {clock}. A step is a new level of the "
+             f"piecewise-constant fit whose penalty per step is {hist.STEP_BETA:g} times the series' noise; it counts "
+             f"beyond {_e(h.thresholds.describe())}, in stable records of an unthrottled card. The newest run is also "
+             f"held against the {h.lookback} before it (|z| &gt; {h.z:g}).</p>"]
+    flagged = h.flagged
+    if flagged:
+        rows = [(c.label, h.run_name(s.run), f"{s.change:+.1%}", s.verdict, hist.change_text(s.environment))
+                for c, s in flagged]
+        parts.append(_table(("case", "at run", "change", "verdict", "environment change"), rows, numeric_from=2))
+    else:
+        parts.append("<p>No case moved beyond its threshold.</p>")
+    charted = [c for c in h.cases if c.flagged or c.verdict in hist.FLAGGED][:MAX_TREND_CHARTS]
+    figures = []
+    for i, c in enumerate(charted):
+        pts = c.points
+        svg = trend_svg(f"trend-case-{i}", c.label, [p.run + 1 for p in pts], [p.normalised_s for p in pts],
+                        list(c.levels_s), _trend_steps(h, c.steps), band=[(p.q1_s, p.q3_s) for p in pts],
+                        trusted=[p.trusted for p in pts])
+        figures.append(f"<figure>{svg}</figure>")
+    parts.append(f"<div class=trends>{''.join(figures)}</div>")
+    parts.append("<h3>Op families in aggregate</h3><p class=note>Per run, the geometric mean of the family's cases, "
+                 "each over its own usual (median) time; records not trusted (unstable, busy host) left out.</p>")
+    figures = []
+    for i, f in enumerate(h.families):
+        runs = [r + 1 for r, _ in f.index]
+        steps = _trend_steps(h, f.steps)
+        # where some of its cases stepped and the family as a whole did not: marked too, with how many
+        members: dict[int, list] = {}
+        for c, s in h.flagged:
+            if c.case.op == f.op:
+                members.setdefault(s.run, []).append(s)
+        for run, flagged in sorted(members.items()):
+            if all(t.run != run + 1 for t in steps):
+                steps.append(TrendStep(run + 1, f"{len(flagged)} of {f.cases} cases; "
+                                       f"{hist.change_text(flagged[0].environment)}", flagged[0].verdict))
+        svg = trend_svg(f"trend-family-{i}", f"{f.op} ({f.cases} cases)", runs, [v for _, v in f.index],
+                        list(f.levels), sorted(steps, key=lambda t: t.run), seconds=False)
+        figures.append(f"<figure>{svg}</figure>")
+    parts.append(f"<div class=trends>{''.join(figures)}</div>")
+    header, *rows = hist.version_rows(h)
+    parts.append("<h3>Versions of every run</h3>" + _table(header, rows, numeric_from=len(header)))
+    return "".join(parts)
+
+
 def build_report(run: Run, base: Run | None = None, ceilings_run: Run | None = None,
-                 threshold: float = DEFAULT_THRESHOLD_PCT / 100) -> str:
-    """The page as one HTML string; ceilings from `ceilings_run` when given, else from `run`."""
+                 threshold: float = DEFAULT_THRESHOLD_PCT / 100, history: hist.History | None = None) -> str:
+    """The page as one HTML string; ceilings from `ceilings_run` when given, else from `run`; the trends of
+    `history` (the run's card's history, opbench/analyze/history.py) when given."""
     ceil = run_ceilings(ceilings_run or run)
     section = run.section
     sections = []
     if base is not None:
         sections.append(("comparison", "Comparison", lambda: _comparison_html(compare_runs(base, run, threshold))))
+    if history is not None:
+        sections.append(("trends", "Trends", lambda: _trends_html(history)))
     sections += [("roofline", "Roofline", lambda: _roofline_html(run, ceil)),
                  ("breakdown", "Module-wise breakdown", lambda: _breakdown_html(run_breakdowns(run.section))),
                  ("ops", "Per-op results", lambda: _op_tables_html(run, ceil)),
@@ -203,6 +264,7 @@ def add_command(sub) -> None:
     p.add_argument("--threshold", type=threshold_pct, default=DEFAULT_THRESHOLD_PCT, metavar="PCT",
                    help=f"regression threshold of the comparison (default {DEFAULT_THRESHOLD_PCT:g}%%)")
     p.add_argument("--storage", metavar="DIR", help="a pytest-benchmark storage folder in which RUN and BASE are ids")
+    hist.add_report_options(p)
     p.set_defaults(func=_command)
 
 
@@ -210,7 +272,7 @@ def _command(args) -> int:
     run = load_run(resolve_run(args.run, args.storage))
     base = load_run(resolve_run(args.base, args.storage)) if args.base else None
     ceilings_run = load_run(args.peaks) if args.peaks else None
-    page = build_report(run, base, ceilings_run, args.threshold / 100)
+    page = build_report(run, base, ceilings_run, args.threshold / 100, hist.report_history(run, args))
     Path(args.output).write_text(page)
     print(f"opbench report: wrote {args.output} ({len(page) // 1024} KiB)")
     return 0

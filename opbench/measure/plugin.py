@@ -23,6 +23,7 @@ from opbench.ops import FAMILIES, get_family
 from opbench.measure.peaks import datasheet_for
 from opbench.analyze.roofline import add_roofline
 from opbench.measure.selection import PROFILES, Selection, SelectionError, select
+from opbench.measure.storage import use_card_storage
 from opbench.analyze.session import compose_session
 from opbench.measure.summary import composition_lines, summary_lines
 from opbench.measure.timing import L2_MODES, RunSettings
@@ -131,6 +132,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "opbench: a case measured by opbench")
     if not is_reporting_rank():  # under torchrun every rank runs pytest; rank 0 alone reports
         silence_rank(config)
+    use_card_storage(config, device)  # saved runs kept per card, before pytest-benchmark opens its storage
 
 
 def pytest_generate_tests(metafunc):
