@@ -9,6 +9,7 @@ environment. Charts are inline SVG, so the file needs nothing beside it.
 from __future__ import annotations
 
 import html
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -106,6 +107,53 @@ def _breakdown_html(rows: list[Breakdown]) -> str:
             "calls.</p>" + _table(header, table_rows))
 
 
+def _tradeoff_html(run: Run, model_names: list[str] | None) -> str:
+    """The latency-cost frontier of deployment configurations (opbench.analyze.tradeoff) for the run's
+    inference models, or the models asked for."""
+    from opbench.analyze.charts import FrontierPoint, frontier_svg
+    from opbench.analyze.compose import Composer, MissingMeasurement
+    from opbench.analyze.tradeoff import (gpu_memory, inference_assumptions, inference_rows, inference_tradeoff,
+                                          provenance_kind, provenance_lines)
+    from opbench.spec.models import ConfigError, get_model
+    from opbench.spec.workload import PlanError
+
+    if model_names is None:  # the models the run planned inference for
+        model_names = list(dict.fromkeys(p["model"]["name"] for p in run.section.get("plans") or ()
+                                         if p["workload"]["phase"] in ("prefill", "decode")))
+    if not model_names:
+        return "<p class=note>The run planned no inference workload; give --tradeoff-model.</p>"
+    composer = Composer(run.measurements)
+    parts = []
+    for name in model_names:
+        try:
+            model = get_model(name)
+            prompt, output = 1024, 256  # halved together until they fit the model's context
+            while prompt + output > model.max_seq_len and output > 1:
+                prompt, output = prompt // 2, output // 2
+            t = inference_tradeoff(composer, model, prompt, output, gpu_memory(run, None))
+        except (MissingMeasurement, PlanError, ConfigError) as error:
+            parts.append(f"<h3>{_e(name)}</h3><p class=note>No trade-off: {_e(error)}</p>")
+            continue
+        front = set(map(id, t.frontier))
+        points = [FrontierPoint(f"tp={p.config.tp} b={p.config.batch}" + ("" if p.config.mode == "graph" else " eager"),
+                                p.e2e_s, p.gpu_s_per_1k_tokens, p.config.dtype, id(p) in front) for p in t.fitting]
+        provenance = provenance_lines(run, composer, t.sources())
+        kind = provenance_kind(t.sources())
+        title = f"{model.name}, prompt {prompt}, output {output}: " + (
+            "measured" if kind == "measured" else f"{kind.upper()} from this run's cases")
+        chart = frontier_svg(points, latency_label="end-to-end latency per request, TTFT + (O - 1) x TPOT (s)",
+                             cost_label="GPU-seconds per 1,000 output tokens", title=title,
+                             name="frontier-" + re.sub(r"[^a-z0-9]+", "-", model.name.lower()))
+        header, *rows = inference_rows(t.frontier)
+        notes = "".join(f"<li>{_e(line)}</li>" for line in provenance[1:] + inference_assumptions(t))
+        parts.append(f"<h3>{_e(model.name)}: prompt {prompt}, output {output} tokens</h3><figure>{chart}</figure>"
+                     f"<ul class=note>{notes}</ul>" + _table(header, rows))
+    return ("<p class=note>Deployment configurations (tensor-parallel degree, batch, dtype, execution mode) "
+            "composed from the run; grey: configurations that fit but are dominated; dark: the Pareto frontier "
+            "of latency against cost. `opbench tradeoff RUN --model M --slo ttft=..,tpot=..` names the "
+            "cheapest that meets an SLO.</p>" + "".join(parts))
+
+
 def _rate(m: OpCase) -> str:
     """TFLOP/s (GFLOP/s below one) for cases that compute, GB/s for those that only move data."""
     if not m.flops:
@@ -172,8 +220,9 @@ def _environment_html(run: Run, base: Run | None) -> str:
 
 
 def build_report(run: Run, base: Run | None = None, ceilings_run: Run | None = None,
-                 threshold: float = DEFAULT_THRESHOLD_PCT / 100) -> str:
-    """The page as one HTML string; ceilings from `ceilings_run` when given, else from `run`."""
+                 threshold: float = DEFAULT_THRESHOLD_PCT / 100, tradeoff_models: list[str] | None = None) -> str:
+    """The page as one HTML string; ceilings from `ceilings_run` when given, else from `run`;
+    the trade-off frontier of `tradeoff_models` (default: the run's inference models)."""
     ceil = run_ceilings(ceilings_run or run)
     section = run.section
     sections = []
@@ -181,6 +230,7 @@ def build_report(run: Run, base: Run | None = None, ceilings_run: Run | None = N
         sections.append(("comparison", "Comparison", lambda: _comparison_html(compare_runs(base, run, threshold))))
     sections += [("roofline", "Roofline", lambda: _roofline_html(run, ceil)),
                  ("breakdown", "Module-wise breakdown", lambda: _breakdown_html(run_breakdowns(run.section))),
+                 ("tradeoff", "Trade-off frontier", lambda: _tradeoff_html(run, tradeoff_models)),
                  ("ops", "Per-op results", lambda: _op_tables_html(run, ceil)),
                  ("peaks", "Measured peaks", lambda: _peaks_html(run)),
                  ("environment", "Environment", lambda: _environment_html(run, base))]
@@ -203,6 +253,8 @@ def add_command(sub) -> None:
     p.add_argument("--threshold", type=threshold_pct, default=DEFAULT_THRESHOLD_PCT, metavar="PCT",
                    help=f"regression threshold of the comparison (default {DEFAULT_THRESHOLD_PCT:g}%%)")
     p.add_argument("--storage", metavar="DIR", help="a pytest-benchmark storage folder in which RUN and BASE are ids")
+    p.add_argument("--tradeoff-model", action="append", metavar="MODEL",
+                   help="the trade-off frontier of this model (repeatable; default: the run's inference models)")
     p.set_defaults(func=_command)
 
 
@@ -210,7 +262,7 @@ def _command(args) -> int:
     run = load_run(resolve_run(args.run, args.storage))
     base = load_run(resolve_run(args.base, args.storage)) if args.base else None
     ceilings_run = load_run(args.peaks) if args.peaks else None
-    page = build_report(run, base, ceilings_run, args.threshold / 100)
+    page = build_report(run, base, ceilings_run, args.threshold / 100, args.tradeoff_model)
     Path(args.output).write_text(page)
     print(f"opbench report: wrote {args.output} ({len(page) // 1024} KiB)")
     return 0
