@@ -45,7 +45,8 @@ def plans_for(model_name: str, dtype: str = "bf16", train: bool = False) -> list
     """A prefill (compute-bound GEMMs) and a decode (memory-bound) plan, and a training step if asked:
     enough for the fit to see both ceilings of every op."""
     model = ZOO[model_name]
-    out = [plan(model, Workload("prefill", 1, 1024, dtype=dtype)), plan(model, Workload("decode", 8, 1024, dtype=dtype))]
+    out = [plan(model, Workload("prefill", 1, 1024, dtype=dtype)),
+           plan(model, Workload("decode", 8, 1024, dtype=dtype))]
     if train:
         out.append(plan(model, Workload("train", 1, 2048, dtype=dtype)))
     return out

@@ -1,6 +1,5 @@
 """The inference trade-off: configurations composed from a run, the Pareto frontier, the SLO's choice."""
 
-import itertools
 import random
 
 import pytest

@@ -4,6 +4,7 @@ the report's frontier chart. One small CPU run serves them all."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -93,3 +94,33 @@ def test_report_has_the_frontier_chart(small_run, tmp_path, capsys):
     svg = re.search(r"<section id=tradeoff>.*?(<svg.*?</svg>)", html, re.S).group(1)
     assert 'id="frontier-llama-3-8b-frontier-line"' in svg and 'id="frontier-llama-3-8b-frontier-bf16"' in svg
     assert "MODELED from this run" in svg and "GPU-seconds per 1,000 output tokens" in svg
+
+
+def _browser():
+    return next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+
+
+@pytest.mark.skipif(_browser() is None, reason="no headless Chromium or Chrome installed")
+def test_the_frontier_chart_renders_in_a_headless_browser(small_run, tmp_path, capsys):
+    page = tmp_path / "report.html"
+    run_cli(capsys, "report", small_run, "-o", page, "--tradeoff-model", "llama-3-8b")
+    html = page.read_text()  # the trade-off section alone, so that the screenshot holds its chart
+    head, section = html[:html.index("<body>") + 6], re.search(r"<section id=tradeoff>.*?</section>", html, re.S)
+    alone = tmp_path / "tradeoff.html"
+    alone.write_text(head + section.group(0) + "</body></html>")
+    flags = [_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", "--window-size=1200,1400"]
+    dom = subprocess.run([*flags, "--dump-dom", alone.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert dom.count("<svg") == 1 and "end-to-end latency per request" in dom
+    shot = tmp_path / "frontier.png"
+    subprocess.run([*flags, f"--screenshot={shot}", alone.as_uri()], capture_output=True, timeout=120)
+    from PIL import Image  # comes with matplotlib
+
+    pixels = Image.open(shot).convert("RGB").getcolors(maxcolors=2**24)
+
+    def painted(rgb) -> int:
+        return sum(n for n, colour in pixels if all(abs(a - b) <= 6 for a, b in zip(colour, rgb)))
+
+    assert painted((0x22, 0x22, 0x22)) > 300  # the frontier's points, staircase and labels
+    assert painted((0xBB, 0xBB, 0xBB)) > 300  # the dominated configurations

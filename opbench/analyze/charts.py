@@ -176,8 +176,8 @@ def frontier_svg(points: list[FrontierPoint], *, latency_label: str, cost_label:
             ys += [ys[-1], p.cost]
         ax.plot(xs, ys, color="#222222", lw=1, gid="frontier-line", zorder=3)
         for i, p in enumerate(front):  # labels alternate above and below the staircase so neighbours do not collide
-            ax.annotate(p.label, (p.latency_s, p.cost), xytext=(4, 6 if i % 2 == 0 else -12), textcoords="offset points",
-                        fontsize=7, color="#222222")
+            ax.annotate(p.label, (p.latency_s, p.cost), xytext=(4, 6 if i % 2 == 0 else -12),
+                        textcoords="offset points", fontsize=7, color="#222222")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(latency_label)

@@ -20,7 +20,6 @@ GPUs / batch: a request's share of the GPUs), and dollars at a price per GPU-hou
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +40,8 @@ FORMS = ("idealized", "denoised")
 # HELM's names (organization/model) of the zoo's base models; HELM looks an entry up by the request's model
 # deployment, so a deployment named otherwise (a hosting provider's), or any other model, needs --name.
 HELM_NAMES = {"llama-2-7b": "meta/llama-2-7b", "llama-2-13b": "meta/llama-2-13b", "llama-2-70b": "meta/llama-2-70b",
-              "llama-3-8b": "meta/llama-3-8b", "llama-3-70b": "meta/llama-3-70b", "mistral-7b": "mistralai/mistral-7b-v0.1",
+              "llama-3-8b": "meta/llama-3-8b", "llama-3-70b": "meta/llama-3-70b",
+              "mistral-7b": "mistralai/mistral-7b-v0.1",
               "mixtral-8x7b": "mistralai/mixtral-8x7b-32kseqlen", "gpt-3-175b": "openai/davinci"}
 
 
@@ -134,7 +134,8 @@ def frontier_rows(runtimes: list[ConfigRuntime], prompt: int, output: int, usd_p
     rows = [header]
     for r in runtimes:
         table = r.entry["runtime_for_prompt_tokens"]
-        row = (r.config.label, r.config.gpus, *(format_seconds(table[str(p)]) if str(p) in table else "-" for p in shown),
+        row = (r.config.label, r.config.gpus,
+               *(format_seconds(table[str(p)]) if str(p) in table else "-" for p in shown),
                format_seconds(r.entry["runtime_per_output_token"]),
                format_seconds(helm_runtime(r.entry, prompt, output)), f"{r.gpu_s(prompt, output):.4g}")
         if usd_per_gpu_hour is not None:

@@ -24,13 +24,12 @@ import sys
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from opbench.analyze.compose import SOURCES, Breakdown, Composer
 from opbench.analyze.estimate import memory
 from opbench.analyze.pareto import Slo, SloError, parse_slo
-from opbench.analyze.runs import Run
 from opbench.analyze.tradeoff import GpuMemory, _gib, gpu_memory, provenance_lines
 from opbench.spec.models import ModelConfig, get_model
 from opbench.spec.plan import OpCall, plan
@@ -560,6 +559,9 @@ def _command(args) -> int:
     gpus = config.tp
     lines.append(f"  throughput {result.throughput_rps:.4g} requests/s ({args.rate:g}/s offered), "
                  f"{result.output_tokens_per_s:.4g} output tokens/s ({result.output_tokens_per_s / gpus:.4g} per GPU)")
+    if result.throughput_rps < 0.9 * args.rate:
+        lines.append(f"  overloaded: it serves {result.throughput_rps:.4g} of the {args.rate:g} requests/s offered, so the "
+                     "queue grows for the whole run and the latencies grow with --requests")
     lines.append(f"  Little's law: mean requests in the system {result.mean_in_system:.4g}; completion rate x mean "
                  f"end-to-end {result.throughput_rps * result.e2e.mean:.4g}")
     if search:

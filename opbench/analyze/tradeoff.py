@@ -18,9 +18,9 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
-from opbench.analyze.compose import Breakdown, Composer, MissingMeasurement, SOURCES
+from opbench.analyze.compose import Breakdown, Composer, SOURCES
 from opbench.analyze.estimate import memory
-from opbench.analyze.pareto import Choice, Slo, choose, pareto_front, parse_slo
+from opbench.analyze.pareto import Choice, Slo, SloError, choose, pareto_front, parse_slo
 from opbench.analyze.runs import Run, device_label, used_gpu
 from opbench.ops.dtypes import DTYPES
 from opbench.spec.models import ModelConfig, get_model
@@ -391,8 +391,8 @@ def add_command(sub) -> None:
                                  "training: use --step-time")
     p.add_argument("--max-tp", type=int, default=8, help="largest tensor-parallel degree (default 8, one node)")
     p.add_argument("--max-batch", type=int, default=BATCHES[-1], help="inference: largest batch (default 1024)")
-    p.add_argument("--dtype", dest="dtypes", action="append", help="only these dtypes (default: every dtype the run timed "
-                                                    "GEMMs in); repeatable")
+    p.add_argument("--dtype", dest="dtypes", action="append",
+                   help="only these dtypes (default: every dtype the run timed GEMMs in); repeatable")
     p.add_argument("--mode", dest="modes", action="append", choices=("graph", "eager"),
                    help="only these execution modes (default both); repeatable")
     p.add_argument("--gpu-memory-gib", type=float, help="memory of one GPU (default: the run's GPU, else 80)")
@@ -430,6 +430,8 @@ def _command(args) -> int:
     mem = gpu_memory(run, args.gpu_memory_gib)
     if args.train:
         from opbench.analyze import training
+        if args.slo:
+            raise SloError("--slo bounds inference latencies; a training step's SLO is --step-time")
         return training.command(args, run, composer, model, mem)
     slo = parse_slo(args.slo, INFERENCE_SLO) if args.slo else None
     t = inference_tradeoff(composer, model, args.prompt, args.output, mem, max_tp=args.max_tp,

@@ -444,7 +444,11 @@ def command(args, run: Run, composer: Composer, model: ModelConfig, gpu: GpuMemo
     lines += ["  " + s for s in provenance_lines(run, composer, t.sources())]
     lines += ["  assumed: " + s for s in assumptions(t)]
     fit = t.fitting
-    lines.append(f"  {len(t.points)} configurations: {len(fit)} fit, {len(t.points) - len(fit)} do not (never proposed)")
+    lines.append(f"  {len(t.points)} configurations: {len(fit)} fit, {len(t.points) - len(fit)} do not "
+                 "(never proposed)")
+    if any(p.mfu is not None and p.mfu > 1 for p in fit):
+        lines.append(f"  note: MFU above 100%: the composed times rest on rates above {t.peak.source} (a peak search "
+                     "on a busy CPU falls short of what its GEMMs reach); give --peak-tflops for a truer denominator")
     lines.append("ZeRO stages:")
     lines += table_lines(stage_rows(t), indent="  ")
     front = t.frontier
