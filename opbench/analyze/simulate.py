@@ -560,8 +560,8 @@ def _command(args) -> int:
     lines.append(f"  throughput {result.throughput_rps:.4g} requests/s ({args.rate:g}/s offered), "
                  f"{result.output_tokens_per_s:.4g} output tokens/s ({result.output_tokens_per_s / gpus:.4g} per GPU)")
     if result.throughput_rps < 0.9 * args.rate:
-        lines.append(f"  overloaded: it serves {result.throughput_rps:.4g} of the {args.rate:g} requests/s offered, so the "
-                     "queue grows for the whole run and the latencies grow with --requests")
+        lines.append(f"  overloaded: it serves {result.throughput_rps:.4g} of the {args.rate:g} requests/s offered, "
+                     "so the queue grows for the whole run and the latencies grow with --requests")
     lines.append(f"  Little's law: mean requests in the system {result.mean_in_system:.4g}; completion rate x mean "
                  f"end-to-end {result.throughput_rps * result.e2e.mean:.4g}")
     if search:
