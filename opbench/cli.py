@@ -7,10 +7,11 @@ import json
 import sys
 from dataclasses import asdict
 
-from opbench.analyze import compare, history, report, session
+from opbench.analyze import compare, helm, history, report, session, simulate, tradeoff
 from opbench.measure import peaks, selftest
 from opbench.analyze.charts import ReportError
 from opbench.analyze.compose import MissingMeasurement
+from opbench.analyze.pareto import SloError
 from opbench.spec.models import ZOO, ConfigError, get_model
 from opbench.analyze.runs import RunError
 from opbench.measure.selection import PROFILES
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", help="workload dtype: bf16, fp16, fp32, tf32, fp8 (default bf16)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_plan)
-    for command in (compare, history, report, peaks, session, selftest):
+    for command in (compare, history, report, peaks, session, tradeoff, simulate, helm, selftest):
         command.add_command(sub)
     return parser
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0  # compare, history: 1 on a regression
-    except (ConfigError, PlanError, RunError, ReportError, MissingMeasurement) as error:
+    except (ConfigError, PlanError, RunError, ReportError, MissingMeasurement, SloError) as error:
         parser.exit(2, f"opbench: error: {error}\n")
 
 

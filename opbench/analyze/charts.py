@@ -205,3 +205,51 @@ def trend_svg(name: str, title: str, runs: list[int], values: list[float], level
     ax.set_ylim(lo - pad, hi + pad * (1 + 1.2 * len(steps)))  # room above the line for the step labels
     ax.grid(True, color="#eee", lw=0.5)
     return _svg(fig, name)
+
+
+@dataclass(frozen=True)
+class FrontierPoint:
+    """One configuration on the latency-cost plane."""
+    label: str
+    latency_s: float
+    cost: float
+    dtype: str
+    on_frontier: bool
+
+
+def frontier_svg(points: list[FrontierPoint], *, latency_label: str, cost_label: str, title: str,
+                 name: str = "frontier") -> str:
+    """Every configuration that fits as a grey point, the Pareto frontier as a staircase of dark
+    points labelled with their configuration; markers by dtype as on the roofline. Log axes: latency
+    and cost span orders of magnitude between batch 1 and a full batch."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    for dtype in sorted({p.dtype for p in points}):
+        rest = [p for p in points if p.dtype == dtype and not p.on_frontier]
+        front = [p for p in points if p.dtype == dtype and p.on_frontier]
+        marker = DTYPE_MARKERS.get(dtype, "o")
+        if rest:
+            ax.scatter([p.latency_s for p in rest], [p.cost for p in rest], c="#BBBBBB", marker=marker, s=22,
+                       label=f"{dtype}, dominated", gid=f"dominated-{dtype}", zorder=2)
+        if front:
+            ax.scatter([p.latency_s for p in front], [p.cost for p in front], c="#222222", marker=marker, s=40,
+                       label=f"{dtype}, on the frontier", gid=f"frontier-{dtype}", zorder=4)
+    front = sorted((p for p in points if p.on_frontier), key=lambda p: p.latency_s)
+    if front:
+        xs, ys = [front[0].latency_s], [front[0].cost]
+        for p in front[1:]:  # the staircase: cost holds until the next, slower and cheaper, point
+            xs += [p.latency_s, p.latency_s]
+            ys += [ys[-1], p.cost]
+        ax.plot(xs, ys, color="#222222", lw=1, gid="frontier-line", zorder=3)
+        for i, p in enumerate(front):  # labels alternate above and below the staircase so neighbours do not collide
+            ax.annotate(p.label, (p.latency_s, p.cost), xytext=(4, 6 if i % 2 == 0 else -12),
+                        textcoords="offset points", fontsize=7, color="#222222")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(latency_label)
+    ax.set_ylabel(cost_label)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="major", color="#ddd", lw=0.5)
+    if points:
+        ax.legend(fontsize=8, loc="upper right", frameon=False)
+    return _svg(fig, name)  # one name per chart: a page may hold several frontiers

@@ -11,6 +11,7 @@ environment. Charts are inline SVG, so the file needs nothing beside it.
 from __future__ import annotations
 
 import html
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -108,6 +109,53 @@ def _breakdown_html(rows: list[Breakdown]) -> str:
             "<p class=note>Per model step, as composed from the run (opbench/compose.py): each call's time measured, "
             "interpolated along a measured sweep, or modeled, times its count, times the layers for per-layer "
             "calls.</p>" + _table(header, table_rows))
+
+
+def _tradeoff_html(run: Run, model_names: list[str] | None) -> str:
+    """The latency-cost frontier of deployment configurations (opbench.analyze.tradeoff) for the run's
+    inference models, or the models asked for."""
+    from opbench.analyze.charts import FrontierPoint, frontier_svg
+    from opbench.analyze.compose import Composer, MissingMeasurement
+    from opbench.analyze.tradeoff import (gpu_memory, inference_assumptions, inference_rows, inference_tradeoff,
+                                          provenance_kind, provenance_lines)
+    from opbench.spec.models import ConfigError, get_model
+    from opbench.spec.workload import PlanError
+
+    if model_names is None:  # the models the run planned inference for
+        model_names = list(dict.fromkeys(p["model"]["name"] for p in run.section.get("plans") or ()
+                                         if p["workload"]["phase"] in ("prefill", "decode")))
+    if not model_names:
+        return "<p class=note>The run planned no inference workload; give --tradeoff-model.</p>"
+    composer = Composer(run.measurements)
+    parts = []
+    for name in model_names:
+        try:
+            model = get_model(name)
+            prompt, output = 1024, 256  # halved together until they fit the model's context
+            while prompt + output > model.max_seq_len and output > 1:
+                prompt, output = prompt // 2, output // 2
+            t = inference_tradeoff(composer, model, prompt, output, gpu_memory(run, None))
+        except (MissingMeasurement, PlanError, ConfigError) as error:
+            parts.append(f"<h3>{_e(name)}</h3><p class=note>No trade-off: {_e(error)}</p>")
+            continue
+        front = set(map(id, t.frontier))
+        points = [FrontierPoint(f"tp={p.config.tp} b={p.config.batch}" + ("" if p.config.mode == "graph" else " eager"),
+                                p.e2e_s, p.gpu_s_per_1k_tokens, p.config.dtype, id(p) in front) for p in t.fitting]
+        provenance = provenance_lines(run, composer, t.sources())
+        kind = provenance_kind(t.sources())
+        title = f"{model.name}, prompt {prompt}, output {output}: " + (
+            "measured" if kind == "measured" else f"{kind.upper()} from this run's cases")
+        chart = frontier_svg(points, latency_label="end-to-end latency per request, TTFT + (O - 1) x TPOT (s)",
+                             cost_label="GPU-seconds per 1,000 output tokens", title=title,
+                             name="frontier-" + re.sub(r"[^a-z0-9]+", "-", model.name.lower()))
+        header, *rows = inference_rows(t.frontier)
+        notes = "".join(f"<li>{_e(line)}</li>" for line in provenance[1:] + inference_assumptions(t))
+        parts.append(f"<h3>{_e(model.name)}: prompt {prompt}, output {output} tokens</h3><figure>{chart}</figure>"
+                     f"<ul class=note>{notes}</ul>" + _table(header, rows))
+    return ("<p class=note>Deployment configurations (tensor-parallel degree, batch, dtype, execution mode) "
+            "composed from the run; grey: configurations that fit but are dominated; dark: the Pareto frontier "
+            "of latency against cost. `opbench tradeoff RUN --model M --slo ttft=..,tpot=..` names the "
+            "cheapest that meets an SLO.</p>" + "".join(parts))
 
 
 def _rate(m: OpCase) -> str:
@@ -230,9 +278,11 @@ def _trends_html(h: hist.History) -> str:
 
 
 def build_report(run: Run, base: Run | None = None, ceilings_run: Run | None = None,
-                 threshold: float = DEFAULT_THRESHOLD_PCT / 100, history: hist.History | None = None) -> str:
+                 threshold: float = DEFAULT_THRESHOLD_PCT / 100, history: hist.History | None = None,
+                 tradeoff_models: list[str] | None = None) -> str:
     """The page as one HTML string; ceilings from `ceilings_run` when given, else from `run`; the trends of
-    `history` (the run's card's history, opbench/analyze/history.py) when given."""
+    `history` (the run's card's history, opbench/analyze/history.py) when given; the trade-off frontier of
+    `tradeoff_models` (default: the run's inference models)."""
     ceil = run_ceilings(ceilings_run or run)
     section = run.section
     sections = []
@@ -242,6 +292,7 @@ def build_report(run: Run, base: Run | None = None, ceilings_run: Run | None = N
         sections.append(("trends", "Trends", lambda: _trends_html(history)))
     sections += [("roofline", "Roofline", lambda: _roofline_html(run, ceil)),
                  ("breakdown", "Module-wise breakdown", lambda: _breakdown_html(run_breakdowns(run.section))),
+                 ("tradeoff", "Trade-off frontier", lambda: _tradeoff_html(run, tradeoff_models)),
                  ("ops", "Per-op results", lambda: _op_tables_html(run, ceil)),
                  ("peaks", "Measured peaks", lambda: _peaks_html(run)),
                  ("environment", "Environment", lambda: _environment_html(run, base))]
@@ -265,6 +316,8 @@ def add_command(sub) -> None:
                    help=f"regression threshold of the comparison (default {DEFAULT_THRESHOLD_PCT:g}%%)")
     p.add_argument("--storage", metavar="DIR", help="a pytest-benchmark storage folder in which RUN and BASE are ids")
     hist.add_report_options(p)
+    p.add_argument("--tradeoff-model", action="append", metavar="MODEL",
+                   help="the trade-off frontier of this model (repeatable; default: the run's inference models)")
     p.set_defaults(func=_command)
 
 
@@ -272,7 +325,8 @@ def _command(args) -> int:
     run = load_run(resolve_run(args.run, args.storage))
     base = load_run(resolve_run(args.base, args.storage)) if args.base else None
     ceilings_run = load_run(args.peaks) if args.peaks else None
-    page = build_report(run, base, ceilings_run, args.threshold / 100, hist.report_history(run, args))
+    page = build_report(run, base, ceilings_run, args.threshold / 100, hist.report_history(run, args),
+                        args.tradeoff_model)
     Path(args.output).write_text(page)
     print(f"opbench report: wrote {args.output} ({len(page) // 1024} KiB)")
     return 0

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterable
-from pathlib import Path
 
 from opbench.analyze.alphabeta import PROFILES as FABRICS
 from opbench.analyze.alphabeta import Fit
 from opbench.analyze.compose import EXECUTION_MODES, Composer, MissingMeasurement
 from opbench.record import OpCase, UnitCase
-from opbench.analyze.estimate import TrainOptions, estimate_from, fewest_gpus, idealized_runtime
+from opbench.analyze.estimate import TrainOptions, estimate_from, fewest_gpus
 from opbench.spec.models import get_model
 from opbench.measure.peaks import datasheet_for
 from opbench.analyze.runs import Run, RunError, device_label, load_run, used_gpu
@@ -56,7 +55,7 @@ def compose_session(plans: Iterable[Plan], cases: Iterable[OpCase], units: Itera
     return out
 
 
-# `opbench estimate` and `opbench idealized`: the same composition for any workload, from a saved run ----
+# `opbench estimate`: the same composition for any workload, from a saved run (`opbench idealized`: analyze/helm.py) --
 
 def add_command(sub) -> None:
     p = sub.add_parser("estimate", help="compose a workload's breakdown and end-to-end figures from a run")
@@ -76,15 +75,6 @@ def add_command(sub) -> None:
                    help="memory of one GPU for the fewest-GPUs figure (default: the run's GPU, else 80)")
     p.add_argument("--json", action="store_true", help="print the breakdown and estimate as JSON")
     p.set_defaults(func=_estimate_command)
-    p = sub.add_parser("idealized", help="write HELM's idealized runtime (prompt cost by length plus a per-output-"
-                                         "token cost) for a model, from a run")
-    p.add_argument("run", help="a run: pytest bench/ --benchmark-json=FILE")
-    _model_options(p)
-    p.add_argument("--decode-context", type=int, default=1024,
-                   help="context of the decode step that prices an output token (default 1024)")
-    p.add_argument("--cost-aware", action="store_true", help="multiply by the GPUs used (the tp degree)")
-    p.add_argument("-o", "--output", help="write the JSON here (default: print it)")
-    p.set_defaults(func=_idealized_command)
 
 
 def _model_options(p) -> None:
@@ -147,15 +137,3 @@ def _estimate_command(args) -> int:
                   + (f" ({c.backend})" if c.backend else ""))
     return 0
 
-
-def _idealized_command(args) -> int:
-    _, composer = _composer(args)
-    helm = idealized_runtime(composer, get_model(args.model), tp=args.tp, dtype=args.dtype,
-                             decode_context=args.decode_context, cost_aware=args.cost_aware)
-    text = json.dumps(helm, indent=1)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
-        print(f"opbench idealized: wrote {args.output}")
-    else:
-        print(text)
-    return 0
