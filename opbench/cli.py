@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 
 from opbench.analyze import compare, helm, history, report, session, simulate, tradeoff
 from opbench.measure import peaks, selftest
 from opbench.analyze.charts import ReportError
-from opbench.analyze.compose import MissingMeasurement
+from opbench.analyze.compose import MissingMeasurement, PolicyError
 from opbench.analyze.pareto import SloError
 from opbench.spec.models import ZOO, ConfigError, get_model
 from opbench.analyze.runs import RunError
 from opbench.measure.selection import PROFILES
-from opbench.text import table_lines
-from opbench.spec.workload import PlanError, parse_workload
+from opbench.ops.dtypes import DTYPES
+from opbench.text import OutputError, table_lines
+from opbench.spec.workload import WORKLOAD_SYNTAX, PlanError, parse_workload
 from opbench.spec.plan import plan
 
 
@@ -46,10 +48,24 @@ def _plan(args) -> None:
         shape = " ".join(f"{k}={v}" for k, v in asdict(c.shape).items())
         rows.append((c.role, c.op, c.pass_, c.count, c.scope, shape))
     print("\n".join(table_lines(rows)))
+    for f in p.fusions:
+        print(f"fusable: {f.label}")
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors in the one-line form of every other error, pointing at the command's help."""
+
+    def error(self, message: str):
+        self.exit(2, f"opbench: error: {message} (see {self.prog} --help)\n")
+
+
+# What a user can get wrong: each is told in one line, never a traceback
+USER_ERRORS = (ConfigError, PlanError, RunError, ReportError, MissingMeasurement, PolicyError, OutputError, SloError)
+SIGPIPE_STATUS = 128 + 13  # what a shell reports for a program stopped by a closed pipe
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="opbench",
         description="LLM operator micro-benchmarks. Run the suite with `pytest bench/ --benchmark-json=results.json`;"
                     " these commands inspect what it plans and read what it measured.",
@@ -58,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the built-in model zoo").set_defaults(func=_models)
     p = sub.add_parser("plan", help="print the op calls of one decoder layer plus embedding and LM head")
     p.add_argument("model", help="a zoo name or a Hugging Face config.json path")
-    p.add_argument("workload", help="PHASE:b=BATCH,s=LENGTH[,tp=N][,r=RANK], e.g. decode:b=32,s=4096,tp=8")
-    p.add_argument("--dtype", default="bf16", help="workload dtype: bf16, fp16, fp32, tf32, fp8 (default bf16)")
+    p.add_argument("workload", help=f"{WORKLOAD_SYNTAX}, e.g. decode:b=32,s=4096,tp=8")
+    p.add_argument("--dtype", default="bf16", help=f"workload dtype: {', '.join(DTYPES)} (default bf16)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_plan)
     for command in (compare, history, report, peaks, session, tradeoff, simulate, helm, selftest):
@@ -71,9 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args) or 0  # compare, history: 1 on a regression
-    except (ConfigError, PlanError, RunError, ReportError, MissingMeasurement, SloError) as error:
+        status = args.func(args) or 0  # compare, history: 1 on a regression
+        sys.stdout.flush()  # a closed pipe shows here, while its error can still be caught
+        return status
+    except USER_ERRORS as error:
         parser.exit(2, f"opbench: error: {error}\n")
+    except BrokenPipeError:  # `opbench ... | head`: the reader has all it wanted
+        # nothing more can reach the pipe, and Python's own flush at exit must not try
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return SIGPIPE_STATUS
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def _assert_matches(out, op: str, inp: dict, dtype: str, pass_: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", TOLERANCE)
-@pytest.mark.parametrize("rows, width", zip((3, 5, 7), WIDTHS))
+@pytest.mark.parametrize("rows, width", list(zip((3, 5, 7), WIDTHS)))
 def test_rms_norm(rows, width, dtype):
     inp = _inputs("rmsnorm", RowsShape(rows, width), dtype)
     x, weight = inp["x"], inp["weight"]
@@ -47,7 +47,7 @@ def test_rms_norm(rows, width, dtype):
 
 
 @pytest.mark.parametrize("dtype", TOLERANCE)
-@pytest.mark.parametrize("rows, width", zip((7, 3, 5), WIDTHS))
+@pytest.mark.parametrize("rows, width", list(zip((7, 3, 5), WIDTHS)))
 def test_add_rms_norm(rows, width, dtype):
     """The fused residual: h = x + residual is written and normalised; dh joins the backward."""
     inp = _inputs("add_rmsnorm", RowsShape(rows, width), dtype)
@@ -59,7 +59,7 @@ def test_add_rms_norm(rows, width, dtype):
 
 
 @pytest.mark.parametrize("dtype", TOLERANCE)
-@pytest.mark.parametrize("rows, width", zip((5, 7, 3), WIDTHS))
+@pytest.mark.parametrize("rows, width", list(zip((5, 7, 3), WIDTHS)))
 def test_layer_norm(rows, width, dtype):
     inp = _inputs("layernorm", RowsShape(rows, width), dtype)
     inp["x"] += 3  # an offset mean, as real activations have, so that centring matters
@@ -82,7 +82,7 @@ def test_norm_strided_rows():
 
 
 @pytest.mark.parametrize("dtype", TOLERANCE)
-@pytest.mark.parametrize("rows, width", zip((5, 3, 4), WIDTHS))
+@pytest.mark.parametrize("rows, width", list(zip((5, 3, 4), WIDTHS)))
 @pytest.mark.parametrize("op, act, gated", [("swiglu", "silu", True), ("geglu", "gelu_tanh", True),
                                            ("gelu", "gelu_tanh", False)], ids=("swiglu", "geglu", "gelu"))
 def test_activation(op, act, gated, rows, width, dtype):
@@ -92,7 +92,7 @@ def test_activation(op, act, gated, rows, width, dtype):
 
 
 @pytest.mark.parametrize("dtype", TOLERANCE)
-@pytest.mark.parametrize("rows, vocab", zip((3, 6, 5), WIDTHS))
+@pytest.mark.parametrize("rows, vocab", list(zip((3, 6, 5), WIDTHS)))
 def test_cross_entropy(rows, vocab, dtype):
     # peaked rows: the online maximum must follow the true one
     inp = _inputs("cross_entropy", VocabShape(rows, vocab, vocab), dtype, scale={"logits": 4})

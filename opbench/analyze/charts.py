@@ -9,13 +9,18 @@ from dataclasses import dataclass
 from opbench.analyze.compose import Breakdown
 from opbench.analyze.compose import MODULE_ORDER
 from opbench.analyze.roofline import Ceilings
+from opbench.ops import FAMILIES
+from opbench.ops.dtypes import DTYPES
 from opbench.text import format_seconds
 
-# Colour-blind-safe sets, one for op families (Okabe-Ito, by name) and another for modules (Paul Tol's
-# bright, in MODULE_ORDER), so that a colour never means both an op and a module on one page.
-OP_PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
+# Colour-blind-safe sets, one for dtypes on the roofline (Okabe-Ito) and another for modules (Paul Tol's
+# bright, in MODULE_ORDER), so that a colour never means both a dtype and a module on one page.
+DTYPE_PALETTE = ("#E69F00", "#009E73", "#0072B2", "#CC79A7", "#D55E00", "#56B4E9", "#F0E442", "#000000")
 MODULE_PALETTE = ("#4477AA", "#EE6677", "#228833", "#CCBB44", "#66CCEE", "#AA3377", "#994F00", "#555555", "#BBBBBB")
-DTYPE_MARKERS = {"bf16": "o", "fp16": "s", "fp32": "^", "tf32": "D", "fp8": "v"}
+# On the roofline a family is a marker, filled, then the same markers hollow: 20 shapes, one per family
+# in FAMILIES order (so a family keeps its marker from report to report), and a dtype is a colour.
+FAMILY_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", "p", "h")
+LEGEND_GREY = "#555555"  # the family entries of the legend: their marker alone tells them apart
 MAX_BARS = 60  # a breakdown chart taller than this many workloads is no longer read
 
 
@@ -57,24 +62,67 @@ def _svg(fig, name: str) -> str:
     return text.replace("url(#", f"url(#{name}-").replace('href="#', f'href="#{name}-')
 
 
-def op_colours(ops: list[str]) -> dict[str, str]:
-    return {op: OP_PALETTE[i % len(OP_PALETTE)] for i, op in enumerate(sorted(set(ops)))}
+@dataclass(frozen=True)
+class Marker:
+    shape: str  # a matplotlib marker
+    filled: bool
+
+
+def family_markers(ops) -> dict[str, Marker]:
+    """Each op family's marker: by its place in FAMILIES (ops outside it after them), filled first."""
+    wanted, n = set(ops), len(FAMILY_MARKERS)
+    order = list(FAMILIES) + sorted(wanted - set(FAMILIES))
+    return {op: Marker(FAMILY_MARKERS[i % n], (i // n) % 2 == 0) for i, op in enumerate(order) if op in wanted}
+
+
+def dtype_colours(dtypes) -> dict[str, str]:
+    """Each dtype's colour: by its place in DTYPES (dtypes outside it after them)."""
+    wanted = set(dtypes)
+    order = list(DTYPES) + sorted(wanted - set(DTYPES))
+    return {d: DTYPE_PALETTE[i % len(DTYPE_PALETTE)] for i, d in enumerate(order) if d in wanted}
+
+
+def _scatter_style(marker: Marker, colour: str) -> dict:
+    """A filled marker in its colour with a white rim, or a hollow one drawn in its colour."""
+    if marker.filled:
+        return {"marker": marker.shape, "c": colour, "edgecolors": "white", "linewidths": 0.5}
+    return {"marker": marker.shape, "facecolors": "none", "edgecolors": colour, "linewidths": 1.2}
+
+
+def _legend_handles(markers: dict[str, Marker], colours: dict[str, str]) -> tuple[list, list[str]]:
+    """One legend in two parts, each titled: the families by marker (in grey), the dtypes by colour."""
+    from matplotlib.lines import Line2D
+
+    def entry(marker: Marker, colour: str) -> Line2D:
+        return Line2D([], [], linestyle="none", marker=marker.shape, markersize=7,
+                      markeredgewidth=0.5 if marker.filled else 1.2,
+                      markerfacecolor=colour if marker.filled else "none",
+                      markeredgecolor="white" if marker.filled else colour)
+
+    title = Line2D([], [], linestyle="none", marker="")
+    handles = [title, *(entry(m, LEGEND_GREY) for m in markers.values()),
+               title, *(entry(Marker("s", True), c) for c in colours.values())]
+    return handles, ["op family", *markers, "dtype", *colours]
 
 
 def roofline_svg(points: list[Point], ceil: Ceilings | None) -> str:
+    return _svg(roofline_figure(points, ceil), "roofline")
+
+
+def roofline_figure(points: list[Point], ceil: Ceilings | None):
+    """Each case a point (its family a marker, its dtype a colour) under the ceilings."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10, 5.5))
     xs = [p.intensity for p in points]
     peak = max(ceil.matmul_tflops.values(), default=0) if ceil else 0
     # TFLOP/s on GPUs; GFLOP/s where every rate is below one TFLOP/s (CPUs), so tick labels stay readable
     scale, unit = (1.0, "TFLOP/s") if max([p.tflops for p in points] + [peak]) >= 1 else (1e3, "GFLOP/s")
-    colours = op_colours([p.op for p in points])
-    for op, colour in colours.items():
-        for dtype in sorted({p.dtype for p in points if p.op == op}):
+    markers, colours = family_markers({p.op for p in points}), dtype_colours({p.dtype for p in points})
+    for op, marker in markers.items():
+        for dtype in (d for d in colours if any(p.op == op and p.dtype == d for p in points)):
             mine = [p for p in points if p.op == op and p.dtype == dtype]
-            ax.scatter([p.intensity for p in mine], [p.tflops * scale for p in mine], c=colour,
-                       marker=DTYPE_MARKERS.get(dtype, "o"), s=36, edgecolors="white", linewidths=0.5,
-                       label=f"{op} {dtype}", gid=f"points-{op}-{dtype}", zorder=3)
+            ax.scatter([p.intensity for p in mine], [p.tflops * scale for p in mine], s=36,
+                       gid=f"points-{op}-{dtype}", zorder=3, **_scatter_style(marker, colours[dtype]))
     lo, hi = min(xs + [1.0]) / 2, max(xs + [1e3]) * 2
     memory_gbps = ceil.memory_gbps if ceil else None
     if memory_gbps:
@@ -100,9 +148,13 @@ def roofline_svg(points: list[Point], ceil: Ceilings | None) -> str:
     ax.set_title(f"Roofline: ceilings {ceil.source}" if ceil else
                  "Roofline: no ceilings (no peak cases in the run, no datasheet for its device)", fontsize=10)
     ax.grid(True, which="major", color="#ddd", lw=0.5)
-    if points:
-        ax.legend(fontsize=8, loc="upper left", frameon=False)
-    return _svg(fig, "roofline")
+    if points:  # outside the axes, on the right: it never covers a point nor runs below the chart
+        handles, labels = _legend_handles(markers, colours)
+        legend = ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                           borderaxespad=0.0, frameon=False, ncols=1 + len(labels) // 26)
+        for title in (0, len(markers) + 1):
+            legend.get_texts()[title].set_fontweight("bold")
+    return fig
 
 
 def module_colours() -> dict[str, str]:
@@ -219,21 +271,21 @@ class FrontierPoint:
 
 def frontier_svg(points: list[FrontierPoint], *, latency_label: str, cost_label: str, title: str,
                  name: str = "frontier") -> str:
-    """Every configuration that fits as a grey point, the Pareto frontier as a staircase of dark
-    points labelled with their configuration; markers by dtype as on the roofline. Log axes: latency
-    and cost span orders of magnitude between batch 1 and a full batch."""
+    """Every configuration that fits as a grey point, the Pareto frontier as a staircase of points
+    labelled with their configuration, coloured by dtype as on the roofline. Log axes: latency and cost
+    span orders of magnitude between batch 1 and a full batch."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10, 5.5))
-    for dtype in sorted({p.dtype for p in points}):
+    colours = dtype_colours(p.dtype for p in points)
+    for dtype, colour in colours.items():
         rest = [p for p in points if p.dtype == dtype and not p.on_frontier]
         front = [p for p in points if p.dtype == dtype and p.on_frontier]
-        marker = DTYPE_MARKERS.get(dtype, "o")
         if rest:
-            ax.scatter([p.latency_s for p in rest], [p.cost for p in rest], c="#BBBBBB", marker=marker, s=22,
+            ax.scatter([p.latency_s for p in rest], [p.cost for p in rest], c="#BBBBBB", marker="o", s=22,
                        label=f"{dtype}, dominated", gid=f"dominated-{dtype}", zorder=2)
         if front:
-            ax.scatter([p.latency_s for p in front], [p.cost for p in front], c="#222222", marker=marker, s=40,
-                       label=f"{dtype}, on the frontier", gid=f"frontier-{dtype}", zorder=4)
+            ax.scatter([p.latency_s for p in front], [p.cost for p in front], c=colour, marker="o", s=40,
+                       edgecolors="#222222", label=f"{dtype}, on the frontier", gid=f"frontier-{dtype}", zorder=4)
     front = sorted((p for p in points if p.on_frontier), key=lambda p: p.latency_s)
     if front:
         xs, ys = [front[0].latency_s], [front[0].cost]

@@ -187,7 +187,16 @@ def format_comparison(c: Comparison, show_all: bool = False) -> list[str]:
     counts = ", ".join(f"{kind}: {len(c.of(kind))}" for kind, _ in SECTIONS)
     lines.append(f"{len(c.changes)} cases matched: {counts}; {len(c.only_base)} only in base, "
                  f"{len(c.only_new)} only in new")
+    if c.base.units or c.new.units:
+        lines.append(units_line(c))
     return lines
+
+
+def units_line(c: Comparison) -> str:
+    """Units are checks of the composition at one plan, not kernels: counted, not compared."""
+    return (f"units (a decoder layer or a small model timed whole): {len(c.base.units)} in base, "
+            f"{len(c.new.units)} in new; validation figures of the composition (opbench estimates), "
+            "not compared")
 
 
 def threshold_pct(text: str) -> float:

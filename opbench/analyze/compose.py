@@ -7,7 +7,12 @@ Each call's time has a source:
                 field (a sweep of tokens or context length) bracket it: linear interpolation;
   modeled       a roofline t = max(flops / F, bytes / B) whose F and B are fitted to the run's
                 measured cases of the same op family; for collectives, the alpha-beta model of a
-                measured sweep (a collectives run's fits) or else of a named fabric profile.
+                measured sweep (a collectives run's fit of the call's dtype, else of another dtype,
+                labelled so) or else of a named fabric profile.
+A collective is measured when a collectives run timed its very size, dtype and world.
+
+With `fused`, a plan's fusions (opbench.spec.plan.Fusion) whose fused calls were all measured replace
+the calls they fuse, and the breakdown names them.
 """
 
 from __future__ import annotations
@@ -18,13 +23,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from opbench.measure.cases import case_dtype
-from opbench.analyze.alphabeta import AlphaBeta, get_profile, predict
+from opbench.measure.selection import measure_command
+from opbench.analyze.alphabeta import Fit, get_profile, predict
+from opbench.ops.backends import GROUPS, describe_patterns, unknown_patterns
+from opbench.ops.backends import backend_filter as patterns_filter
 from opbench.ops.dtypes import get_dtype
 from opbench.ops import FAMILIES, get_family
 from opbench.ops.base import shape_dict
 from opbench.ops.collective import COLLECTIVES
 from opbench.record import OpCase
-from opbench.spec.plan import Plan
+from opbench.spec.plan import OpCall, Plan
 
 SOURCES = ("measured", "interpolated", "modeled")
 EXECUTION_MODES = ("graph", "eager")  # CUDA graphs (device time) or eager launches (at least host_s per call)
@@ -37,7 +45,15 @@ MODULES = {"attn": "attention", "mlp": "mlp", "moe": "mlp", "norm": "norms+resid
 
 
 class MissingMeasurement(LookupError):
-    """A plan needs an op that the run measured in no form."""
+    """A plan needs ops that the run measured in no form."""
+
+    def __init__(self, message: str, ops: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.ops = ops  # the families missing
+
+
+class PolicyError(ValueError):
+    """A backend policy that names no group and matches no backend."""
 
 
 def shape_key(shape) -> tuple[tuple[str, int], ...]:
@@ -50,19 +66,17 @@ def _energy_j(m: OpCase) -> float | None:
     return m.energy.j_per_call if m.energy else None
 
 
-# Backend policies: which backends a composition may pick from.
-POLICIES: dict[str, Callable[[str], bool]] = {
-    "fastest": lambda backend: True,
-    # torch's eager ops (torch, torch-fused, torch-foreach, sdpa-*): what reference_layer calls
-    "eager": lambda backend: backend.startswith(("torch", "sdpa")),
-    "vendor": lambda backend: not backend.startswith("triton"),
-    "triton": lambda backend: backend.startswith("triton"),
-}
+# Backend policies: which backends a composition may pick from (the fastest of those wins each call):
+# all, one of the groups that selection knows too, or any backend pattern (a name, a glob).
+POLICIES: dict[str, Callable[[str], bool]] = {"fastest": lambda backend: True, **GROUPS}
 
 
 def backend_filter(policy: str) -> Callable[[str], bool]:
-    """A named policy, or the name of one backend."""
-    return POLICIES.get(policy, lambda backend: backend == policy)
+    """A named policy, or a backend pattern (opbench.ops.backends)."""
+    if policy not in POLICIES and unknown_patterns([policy]):
+        raise PolicyError(f"unknown policy {policy!r}: a policy is {', '.join(POLICIES)}, or a backend pattern: "
+                          f"{describe_patterns()}")
+    return POLICIES.get(policy) or patterns_filter([policy])
 
 
 @dataclass(frozen=True)
@@ -88,6 +102,7 @@ class Breakdown:
     plan: Plan
     calls: tuple[CallTime, ...]
     mode: str = "graph"  # the execution mode composed: graph (device times) or eager (host launch floor)
+    fused: tuple[str, ...] = ()  # the fusions applied (Fusion.label): which calls a fused kernel replaced
 
     @property
     def layer_s(self) -> float:
@@ -132,6 +147,7 @@ class Breakdown:
             "energy_j": self.energy_j,
             "modules": {m: {"time_s": t, "share": t / total if total else 0.0} for m, t in self.modules_s().items()},
             "sources": self.sources(),
+            "fused": list(self.fused),
             "calls": [{"role": c.role, "op": c.op, "pass": c.pass_, "count": c.count, "scope": c.scope,
                        "time_s": c.time_s, "source": c.source, "backend": c.backend, "energy_j": c.energy_j}
                       for c in self.calls],
@@ -140,8 +156,9 @@ class Breakdown:
     @classmethod
     def from_dict(cls, d: dict, plan: Plan) -> Breakdown:
         """A breakdown as the JSON's opbench.breakdowns holds it, for its plan."""
-        return cls(plan, tuple(CallTime(c["role"], c["op"], c["pass"], c["count"], c["scope"], c["time_s"], c["source"],
-                                        c["backend"], c.get("energy_j")) for c in d["calls"]), d.get("mode", "graph"))
+        calls = tuple(CallTime(c["role"], c["op"], c["pass"], c["count"], c["scope"], c["time_s"], c["source"],
+                               c["backend"], c.get("energy_j")) for c in d["calls"])
+        return cls(plan, calls, d.get("mode", "graph"), tuple(d.get("fused", ())))
 
 
 def run_breakdowns(section: dict) -> list[Breakdown]:
@@ -154,38 +171,45 @@ class Composer:
     """Looks up, interpolates or models the time of op calls from one run's measurements."""
 
     def __init__(self, measurements: Iterable[OpCase], policy: str = "fastest",
-                 fits: Iterable[AlphaBeta] = (), fabric: str = "h100-nvlink-ring", mode: str = "graph"):
-        """fits: alpha-beta fits of a collectives run, used before the fabric profile. mode: the execution
+                 fits: Iterable[Fit] = (), fabric: str = "h100-nvlink-ring", mode: str = "graph",
+                 fused: bool = False):
+        """measurements: op cases (of the policy's backends) and collective cases (a collectives run's).
+        fits: alpha-beta fits of a collectives run, used before the fabric profile. mode: the execution
         mode composed, "graph" (CUDA graphs: a call costs its device time) or "eager" (a call costs at
-        least its host launch time, the record's host_s)."""
+        least its host launch time, the record's host_s). fused: apply the plans' fusions whose fused
+        calls were measured."""
         if mode not in EXECUTION_MODES:
             raise ValueError(f"unknown execution mode {mode!r} (known: {', '.join(EXECUTION_MODES)})")
-        self.policy, self.mode = policy, mode
-        self.fits = {f.op: f for f in fits}
-        self.fabric = get_profile(fabric)
+        self.mode = mode
         allowed = backend_filter(policy)
-        self.measurements = [m for m in measurements if m.kind == "op" and m.timed and allowed(m.backend)]
+        self.policy, self.fused = policy, fused
+        self.fits: dict[tuple[str, str], Fit] = {}
+        for f in fits:
+            self.fits.setdefault((f.op, f.dtype), f)
+        self.fabric = get_profile(fabric)
+        measurements = [m for m in measurements if m.timed]
+        self.measurements = [m for m in measurements if m.kind == "op" and allowed(m.backend)]
         self._exact: dict[tuple, OpCase] = {}
-        for m in self.measurements:
+        for m in self.measurements + [m for m in measurements if m.kind == "collective"]:
             key = (m.op, shape_key(m.shape), m.dtype, m.pass_)
             if key not in self._exact or m.median_s < self._exact[key].median_s:
                 self._exact[key] = m
         self._fits: dict[tuple, tuple[float, float]] = {}
 
-    def time(self, op: str, shape, dtype: str, pass_: str, role: str = "") -> tuple[float, str, str | None, float | None]:
+    def time(self, op: str, shape, dtype: str, pass_: str,
+             role: str = "") -> tuple[float, str, str | None, float | None]:
         """(seconds per call, source, backend, joules per call) for one call."""
         dtype = case_dtype(op, dtype)
         key = shape_key(shape)
         exact = self._exact.get((op, key, dtype, pass_))
         if exact is not None:
             return self._call_s(exact), "measured", exact.backend, _energy_j(exact)
+        if op in COLLECTIVES:
+            fields = dict(key)
+            return self.collective(op, fields["size_bytes"], fields["world"], dtype) + (None,)
         interpolated = self._interpolate(op, key, dtype, pass_)
         if interpolated is not None:
             return interpolated + (None,)
-        if op in COLLECTIVES:
-            fields = dict(key)
-            source = self.fits.get(op) or self.fabric
-            return self.collective_s(op, fields["size_bytes"], fields["world"]), "modeled", _name(source), None
         return self._model(op, key, dtype, pass_, role), "modeled", None, None
 
     def _call_s(self, m: OpCase) -> float:
@@ -194,9 +218,21 @@ class Composer:
             return max(m.median_s, m.host_s)
         return m.median_s
 
-    def collective_s(self, op: str, size_bytes: int, world: int) -> float:
-        """One collective call by the alpha-beta model: a measured fit of the op, else the fabric profile."""
-        return predict(op, size_bytes, world, self.fits.get(op) or self.fabric)
+    def collective(self, op: str, size_bytes: int, world: int, dtype: str) -> tuple[float, str, str]:
+        """(seconds, "modeled", what modeled it) for one collective call: the alpha-beta fit of the op
+        and dtype, else the op's fit of another dtype (labelled so), else the fabric profile."""
+        fit = self.fits.get((op, dtype))
+        label = fit.source if fit else ""
+        if fit is None:
+            fit = next((f for (o, _), f in self.fits.items() if o == op), None)
+            label = f"{fit.source}; its {fit.dtype} fit stands for {dtype}" if fit else ""
+        if fit is None:
+            fit, label = self.fabric, f"profile {self.fabric.name}"
+        return predict(op, size_bytes, world, fit), "modeled", label
+
+    def collective_s(self, op: str, size_bytes: int, world: int, dtype: str = "bf16") -> float:
+        """One collective call by the alpha-beta model (gradients are reduced in bf16 unless told)."""
+        return self.collective(op, size_bytes, world, dtype)[0]
 
     def _interpolate(self, op, key, dtype, pass_) -> tuple[float, str, str] | None:
         target = dict(key)
@@ -221,7 +257,8 @@ class Composer:
     def _model(self, op, key, dtype, pass_, role) -> float:
         fit = self._fit(op, dtype) or self._fit(op, None)
         if fit is None:
-            raise MissingMeasurement(f"the run has no measurement of op '{op}'{f' (role {role})' if role else ''}")
+            raise MissingMeasurement(f"the run has no measurement of op '{op}'{f' (role {role})' if role else ''}",
+                                     ops=(op,))
         family = get_family(op)
         shape = family.shape_type(**dict(key))
         flops, nbytes = family.flops(shape, pass_), family.bytes(shape, get_dtype(dtype), pass_)
@@ -236,22 +273,32 @@ class Composer:
             self._fits[key] = fit_roofline([(m.flops, m.bytes, m.median_s) for m in cases]) if cases else None
         return self._fits[key]
 
+    def measured(self, call: OpCall, dtype: str) -> bool:
+        """Whether the call's very case was measured (not interpolated, not modeled)."""
+        return (call.op, shape_key(call.shape), case_dtype(call.op, dtype), call.pass_) in self._exact
+
     def compose(self, plan: Plan) -> Breakdown:
-        calls = []
+        fusions = ()
+        if self.fused:
+            fusions = tuple(f for f in plan.fusions if all(self.measured(c, plan.workload.dtype) for c in f.calls))
+            plan = plan.fuse(fusions)
+        calls, missing = [], {}
         for c in plan.calls:
             try:
                 t, source, backend, energy = self.time(c.op, c.shape, plan.workload.dtype, c.pass_, c.role)
-            except MissingMeasurement as missing:
-                w = plan.workload
-                how = (f"measure it with: pytest bench/ --model {plan.model.name} --workload {w.label} "
-                       f"--dtype {w.dtype} -k {c.op}" if c.op in FAMILIES else "no bench module measures this op yet")
-                raise MissingMeasurement(f"{missing}; {how}") from None
+            except MissingMeasurement:
+                missing.setdefault(c.op, []).append(c.role)
+                continue
             calls.append(CallTime(c.role, c.op, c.pass_, c.count, c.scope, t, source, backend, energy))
-        return Breakdown(plan, tuple(calls), self.mode)
-
-
-def _name(model) -> str:
-    return model.source if isinstance(model, AlphaBeta) else f"profile {model.name}"
+        if missing:
+            what = "; ".join(f"{op} ({', '.join(dict.fromkeys(roles))})" for op, roles in missing.items())
+            unmeasurable = [op for op in missing if op not in FAMILIES]
+            raise MissingMeasurement(f"the run has no measurement of {what}; measure "
+                                     f"{'it' if len(missing) == 1 else 'them'} with: "
+                                     f"{measure_command([plan], list(missing))}"
+                                     + (f" (no bench module measures {', '.join(unmeasurable)} yet)"
+                                        if unmeasurable else ""), tuple(missing))
+        return Breakdown(plan, tuple(calls), self.mode, tuple(f.label for f in fusions))
 
 
 def _interpolate_linear(points: list[tuple[int, float]], x: int) -> float | None:

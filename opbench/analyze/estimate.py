@@ -41,21 +41,23 @@ class Memory:
                 + self.optimizer_bytes)
 
 
-def memory(model: ModelConfig, w: Workload) -> Memory:
-    """Weights at the workload dtype; KV cache of batch x length; in training bf16 gradients, fp32
-    AdamW state with fp32 master weights (12 B/param), and stored activations per Korthikanti et al.
-    2022 (arXiv 2205.05198) with attention scores never materialised, s*b*h*(10 + 24/tp) bytes per
-    layer (2*s*b*h with full recomputation is not assumed here)."""
-    tp, elt = w.tp, DTYPES[w.dtype].bytes
-    act = 2 if w.dtype == "fp8" else elt
-    weights = model.params * elt // tp
+def memory(model: ModelConfig, w: Workload, recompute: bool = False) -> Memory:
+    """Weights at the workload dtype's storage bits; KV cache of batch x length in the activation
+    dtype; in training bf16 gradients, fp32 AdamW state with fp32 master weights (12 B/param), and
+    stored activations per Korthikanti et al. 2022 (arXiv 2205.05198) with attention scores never
+    materialised: s*b*h*(10 + 24/tp) bytes per layer, or with full recomputation each layer's
+    input alone, 2*s*b*h, plus the full set of the one layer whose forward is being recomputed."""
+    dtype = DTYPES[w.dtype]
+    tp, act = w.tp, dtype.activation
+    weights = dtype.bytes_of(model.params) // tp
     kv_heads = max(1, model.kv_heads // tp)
     contexts = w.batch * (w.seq_len + w.min_context if w.min_context else 2 * w.seq_len) // 2  # mean x batch
-    kv = 2 * model.layers * kv_heads * model.head_dim * contexts * act
+    kv = act.bytes_of(2 * model.layers * kv_heads * model.head_dim * contexts)
     if not w.training:
         return Memory(weights, kv, 0, 0, 0)
     tokens_hidden = w.seq_len * w.batch * model.hidden
-    activations = model.layers * int(tokens_hidden * (10 + 24 / tp))
+    one_layer = int(tokens_hidden * (10 + 24 / tp))
+    activations = model.layers * 2 * tokens_hidden + one_layer if recompute else model.layers * one_layer
     trained = trained_params(model, w)
     return Memory(weights, 0, activations, 2 * trained, 12 * trained)
 
@@ -66,13 +68,14 @@ def trained_params(model: ModelConfig, w: Workload) -> int:
                for c in plan(model, w).calls if c.op == "adamw")
 
 
-def fewest_gpus(model: ModelConfig, w: Workload, gpu_memory_bytes: int, usable: float = 0.9) -> int | None:
+def fewest_gpus(model: ModelConfig, w: Workload, gpu_memory_bytes: int, usable: float = 0.9,
+                recompute: bool = False) -> int | None:
     """The smallest tensor-parallel degree (a power of two dividing the heads) whose per-GPU memory
     fits in `usable` of a GPU; None if even the largest such degree does not fit."""
     tp = 1
     while model.heads % tp == 0:
         try:
-            need = memory(model, replace(w, tp=tp)).total_bytes
+            need = memory(model, replace(w, tp=tp), recompute).total_bytes
         except ValueError:
             need = math.inf
         if need <= usable * gpu_memory_bytes:
@@ -111,10 +114,17 @@ def estimate(composer: Composer, model: ModelConfig, w: Workload, **options) -> 
     return estimate_from(composer.compose(plan(model, w)), **options)
 
 
-def estimate_from(breakdown: Breakdown, *, peak_flops: float | None = None, train: TrainOptions = TrainOptions(),
-                  collective_s: CollectiveTime | None = None) -> Estimate:
-    """peak_flops: the card's dense FLOP/s at the workload dtype, for MFU (None: no MFU)."""
+def estimate_from(breakdown: Breakdown, **options) -> Estimate:
+    return compose_estimate(breakdown, **options)[1]
+
+
+def compose_estimate(breakdown: Breakdown, *, peak_flops: float | None = None, train: TrainOptions = TrainOptions(),
+                     collective_s: CollectiveTime | None = None) -> tuple[Breakdown, Estimate]:
+    """The step's breakdown (in training with the recomputation and the gradient all-reduce the
+    options add) and the estimate made from it, so that both show the same step.
+    peak_flops: the card's dense FLOP/s at the workload dtype, for MFU (None: no MFU)."""
     model, w = breakdown.plan.model, breakdown.plan.workload
+    recompute = w.training and train.recompute
     if w.training:
         breakdown = _training_extras(breakdown, train, collective_s)
     total_s = breakdown.total_s
@@ -125,9 +135,9 @@ def estimate_from(breakdown: Breakdown, *, peak_flops: float | None = None, trai
     if w.training and peak_flops:
         mfu = tokens_per_s * model_flops_per_token(model, w.seq_len) / (peak_flops * gpus)
     energy = breakdown.energy_j
-    return Estimate(model.name, w.label, w.dtype, gpus, total_s, tokens_per_s / gpus,
-                    1000 * gpus / tokens_per_s, mfu, energy / tokens if energy is not None else None,
-                    memory(model, w), breakdown.modules_s(), breakdown.sources())
+    return breakdown, Estimate(model.name, w.label, w.dtype, gpus, total_s, tokens_per_s / gpus,
+                               1000 * gpus / tokens_per_s, mfu, energy / tokens if energy is not None else None,
+                               memory(model, w, recompute), breakdown.modules_s(), breakdown.sources())
 
 
 def _training_extras(b: Breakdown, opts: TrainOptions, collective_s: CollectiveTime | None) -> Breakdown:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from opbench.analyze.compose import Composer
 from opbench.analyze.estimate import idealized_runtime
@@ -29,7 +28,7 @@ from opbench.analyze.tradeoff import InferenceConfig, gpu_memory, inference_trad
 from opbench.spec.models import ModelConfig, get_model
 from opbench.spec.plan import plan
 from opbench.spec.workload import PlanError, Workload
-from opbench.text import format_seconds, table_lines
+from opbench.text import format_seconds, table_lines, write_file
 
 # The prompt lengths of HELM's two inference files, as they list them.
 IDEALIZED_PROMPT_TOKENS = (1, 16, 32, 64, 128, 192, 256, 320, 384, 428, 472, 512, 576, 640, 704, 768, 832, 896, 960,
@@ -153,7 +152,7 @@ def add_command(sub) -> None:
                                          "shape), or the same per configuration of the trade-off's frontier",
                        description=__doc__.split("\n\n", 1)[1])
     p.add_argument("run", help="a run: pytest bench/ --benchmark-json=FILE")
-    session._model_options(p)
+    session.model_options(p)
     p.add_argument("--name", help="HELM's name of the model (org/model; default for the zoo, e.g. meta/llama-3-8b)")
     p.add_argument("--form", choices=FORMS, default="idealized",
                    help="idealized (HELM's inference_idealized_runtimes.json prompt lengths; default) or denoised "
@@ -177,7 +176,7 @@ def add_command(sub) -> None:
 def _command(args) -> int:
     from opbench.analyze import session
 
-    run, composer = session._composer(args)
+    run, composer = session.composer_from_args(args)
     model = get_model(args.model)
     name = helm_name(model, args.name)
     if args.frontier:
@@ -204,7 +203,7 @@ def _command(args) -> int:
                                  form=args.form, overhead_s=args.overhead, cost_aware=args.cost_aware)}
     text = json.dumps(data, indent=1)
     if args.output:
-        Path(args.output).write_text(text + "\n")
+        write_file(args.output, text + "\n")
         print(f"opbench idealized: wrote {args.output} ({name})")
     else:
         print(text)

@@ -2,10 +2,10 @@
 
 The page holds, in order: the comparison with BASE when given, the trends of the run's card over a
 history of runs when --history is given (a chart per flagged case and per op family, the versions of
-every run), the roofline (each case a point, coloured by op family, under the run's measured
-ceilings or its GPU's datasheet), the module-wise
-breakdown per workload, per-op tables with the backends side by side, the measured peaks, and the
-environment. Charts are inline SVG, so the file needs nothing beside it.
+every run), the roofline (each case a point, its op family a marker and its dtype a colour, under the
+run's measured ceilings or its GPU's datasheet), the module-wise breakdown per workload, the trade-off
+frontier of its inference models, per-op tables with the backends side by side, the measured peaks,
+and the environment. Charts are inline SVG, so the file needs nothing beside it.
 """
 
 from __future__ import annotations
@@ -13,19 +13,18 @@ from __future__ import annotations
 import html
 import re
 from collections import defaultdict
-from pathlib import Path
 
 from opbench import __version__
 from opbench.analyze import history as hist
 from opbench.analyze.charts import Point, TrendStep, breakdown_svg, module_colours, roofline_svg, trend_svg
 from opbench.analyze.compare import (DEFAULT_THRESHOLD_PCT, SECTIONS, Comparison, change_rows, compare_runs, share_pct,
-                             threshold_pct)
-from opbench.measure.peaks import comparison_rows, datasheet_for, measured_peaks
+                                     threshold_pct, units_line)
+from opbench.measure.peaks import comparison_rows, datasheet_for, measured_peaks, run_peaks
 from opbench.analyze.roofline import Ceilings, bound, run_ceilings
 from opbench.analyze.compose import Breakdown, run_breakdowns
-from opbench.analyze.runs import Run, device_label, environment, label, load_run, resolve_run, shape_id, used_gpu
+from opbench.analyze.runs import Run, device_label, environment, label, load_run, resolve_run, shape_label, used_gpu
 from opbench.record import OpCase
-from opbench.text import format_seconds, roles_cell
+from opbench.text import format_flops, format_seconds, roles_cell, write_file
 
 CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1180px; padding: 0 1em; color: #222; }
@@ -65,6 +64,8 @@ def _comparison_html(c: Comparison) -> str:
     counts = ", ".join(f"<span class={kind}>{kind}: {len(c.of(kind))}</span>" for kind, _ in SECTIONS)
     parts.append(f"<p>{len(c.changes)} cases matched: {counts}; {len(c.only_base)} only in base, "
                  f"{len(c.only_new)} only in this run.</p>")
+    if c.base.units or c.new.units:
+        parts.append(f"<p class=note>{_e(units_line(c))}.</p>")
     for kind, title in SECTIONS:
         changes = c.of(kind)
         if changes:
@@ -75,7 +76,7 @@ def _comparison_html(c: Comparison) -> str:
                          f"<summary>{summary}</summary>{table}</details>")
     for title, cases in (("only in base", c.only_base), ("only in this run", c.only_new)):
         if cases:
-            parts.append(f"<p>{_e(title)}: " + ", ".join(_e(m.label) for m in cases) + "</p>")
+            parts.append(f"<p>{_e(title)}: " + ", ".join(_e(label(m)) for m in cases) + "</p>")
     return "".join(parts)
 
 
@@ -159,17 +160,15 @@ def _tradeoff_html(run: Run, model_names: list[str] | None) -> str:
 
 
 def _rate(m: OpCase) -> str:
-    """TFLOP/s (GFLOP/s below one) for cases that compute, GB/s for those that only move data."""
-    if not m.flops:
-        return f"{m.gbps or 0:.4g} GB/s"
-    tflops = m.tflops
-    return f"{tflops:.3g} TFLOP/s" if tflops >= 1 else f"{tflops * 1e3:.3g} GFLOP/s"
+    """The compute rate for cases that compute, GB/s for those that only move data."""
+    return format_flops(m.tflops * 1e12) if m.flops else f"{m.gbps or 0:.4g} GB/s"
 
 
 def _cell(m: OpCase, ceil: Ceilings | None, best: bool) -> str:
     case_bound = bound(m, ceil)
     roof = f" · {share_pct(case_bound.share)} of roof" if case_bound else ""
-    throttled = f"<br><span class=throttled>throttled: {_e(', '.join(m.throttled))}</span>" if m.throttled else ""
+    reasons = m.gpu.throttled if m.gpu else ()
+    throttled = f"<br><span class=throttled>throttled: {_e(', '.join(reasons))}</span>" if reasons else ""
     return (f"<td class='num{' best' if best else ''}'>{_e(format_seconds(m.median_s))}"
             f"<br><span class=sub>{_e(_rate(m))}{_e(roof)}</span>{throttled}</td>")
 
@@ -178,7 +177,7 @@ def _op_tables_html(run: Run, ceil: Ceilings | None) -> str:
     by_op: dict[str, dict[tuple, dict[str, OpCase]]] = defaultdict(lambda: defaultdict(dict))
     for m in run.measurements:
         if m.kind != "peak":  # peak cases have their own section
-            by_op[m.op][(shape_id(m), m.dtype, m.pass_)][m.backend] = m
+            by_op[m.op][(shape_label(m), m.dtype, m.pass_)][m.backend] = m
     parts = []
     for op in sorted(by_op):
         cases = by_op[op]
@@ -325,8 +324,10 @@ def _command(args) -> int:
     run = load_run(resolve_run(args.run, args.storage))
     base = load_run(resolve_run(args.base, args.storage)) if args.base else None
     ceilings_run = load_run(args.peaks) if args.peaks else None
+    if ceilings_run is not None:
+        run_peaks(ceilings_run)  # --peaks names a run for its peaks: one without is a mistake, not a fallback
     page = build_report(run, base, ceilings_run, args.threshold / 100, hist.report_history(run, args),
                         args.tradeoff_model)
-    Path(args.output).write_text(page)
+    write_file(args.output, page)
     print(f"opbench report: wrote {args.output} ({len(page) // 1024} KiB)")
     return 0

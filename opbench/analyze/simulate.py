@@ -493,7 +493,7 @@ def add_command(sub) -> None:
                                         "prefill, Poisson arrivals) with iteration times composed from a run",
                        description=__doc__.split("\n\n", 1)[1])
     p.add_argument("run", help="a run: pytest bench/ --benchmark-json=FILE")
-    session._model_options(p)
+    session.model_options(p)
     p.add_argument("--rate", type=float, default=1.0, help="requests per second (default 1)")
     p.add_argument("--requests", type=int, default=500, help="requests to serve (default 500)")
     p.add_argument("--seed", type=int, default=0, help="random seed of arrivals and lengths (default 0)")
@@ -517,7 +517,7 @@ def _command(args) -> int:
     from opbench.analyze import session
 
     started = time.perf_counter()
-    run, composer = session._composer(args)
+    run, composer = session.composer_from_args(args)
     model = get_model(args.model)
     config = ServingConfig(args.tp, args.dtype, args.mode, args.max_seqs, args.token_budget)
     lengths = read_pairs(args.lengths) if args.lengths else Lengths(args.prompt, args.output)

@@ -420,7 +420,7 @@ def add_command(sub) -> None:
 def _composer(args) -> tuple[Run, Composer]:
     from opbench.analyze import session  # the one place a run and its collective fits become a Composer
 
-    return session._composer(args)
+    return session.composer_from_args(args)
 
 
 def _command(args) -> int:

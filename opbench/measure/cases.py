@@ -1,4 +1,5 @@
-"""Cases: the distinct (op, shape, dtype, pass) of the selected plans, crossed with backends."""
+"""Cases: the distinct (op, shape, dtype, pass) of the selected plans (the fused kernels that may replace
+some of their calls included), crossed with backends."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from opbench.ops import FAMILIES, get_family
+from opbench.ops.backends import backend_filter
 from opbench.spec.plan import Plan
 
 
@@ -36,7 +38,7 @@ def case_dtype(op: str, dtype: str) -> str | None:
 def build_cases(plans: Iterable[Plan], op: str, backends: Iterable[str] | None = None) -> list[Case]:
     """One case per distinct (shape, dtype, pass) of `op` in the plans and per backend, in plan order.
 
-    `backends` filters by name; None keeps every backend of the family.
+    `backends`: patterns (opbench.ops.backends) of the backends to keep; None keeps every one.
     """
     family = get_family(op)
     roles: dict[tuple, list[str]] = {}
@@ -44,13 +46,13 @@ def build_cases(plans: Iterable[Plan], op: str, backends: Iterable[str] | None =
         dtype = case_dtype(op, p.workload.dtype)
         if dtype is None:
             continue
-        for call in p.calls:
+        for call in p.all_calls:
             if call.op != op:
                 continue
             role = f"{p.model.name}/{p.workload.phase}/{call.role}"
             seen = roles.setdefault((call.shape, dtype, call.pass_), [])
             if role not in seen:
                 seen.append(role)
-    wanted = [b for b in family.backends if backends is None or b in backends]
+    wanted = list(filter(backend_filter(backends), family.backends))
     return [Case(op, shape, dtype, pass_, b, tuple(r))
             for (shape, dtype, pass_), r in roles.items() for b in wanted]

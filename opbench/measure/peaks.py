@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 from opbench.record import PeakCase
 from opbench.analyze.runs import RunError, device_label, load_run, used_gpu
-from opbench.text import format_seconds, table_lines
+from opbench.text import format_flops, format_seconds, table_lines
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,15 @@ def measured_peaks(peaks: Iterable[PeakCase], device: str, label: str) -> Measur
                          rates.get("d2h_gbps"), launch_s)
 
 
+def run_peaks(run) -> MeasuredPeaks:
+    """A run's measured peaks; RunError for a run that has none."""
+    peaks = measured_peaks(run.of_kind("peak"), run.device, device_label(run.machine_info, run.device))
+    if peaks is None:
+        raise RunError(f"{run.path} has no peak cases; measure them with "
+                       "`pytest bench/test_peaks.py --benchmark-json=FILE`")
+    return peaks
+
+
 def _datasheet_table() -> list[tuple]:
     dtypes = ("fp8", "bf16", "fp16", "tf32", "fp32")
     rows = [("GPU", *(f"{d} TFLOP/s" for d in dtypes), "memory GB/s", "host link GB/s", "source")]
@@ -122,18 +131,18 @@ def _datasheet_table() -> list[tuple]:
 
 def comparison_rows(peaks: MeasuredPeaks, sheet: Datasheet | None) -> list[tuple[str, str, str, str]]:
     """(metric, measured, datasheet, measured / datasheet) for each measured peak."""
-    def row(metric: str, value: float, unit: str, sheet_value: float | None) -> tuple[str, str, str, str]:
-        return (metric, f"{value:.4g} {unit}", f"{sheet_value:g} {unit}" if sheet_value else "-",
+    def row(metric: str, value: float, text: str, sheet_value: float | None, unit: str) -> tuple[str, str, str, str]:
+        return (metric, text, f"{sheet_value:g} {unit}" if sheet_value else "-",
                 f"{value / sheet_value:.0%}" if sheet_value else "-")
 
     rows = [row(f"matmul {dtype} (best at {'x'.join(map(str, peaks.matmul_best_shape[dtype].values()))})",
-                tflops, "TFLOP/s", sheet.matmul_tflops.get(dtype) if sheet else None)
+                tflops, format_flops(tflops * 1e12), sheet.matmul_tflops.get(dtype) if sheet else None, "TFLOP/s")
             for dtype, tflops in peaks.matmul_tflops.items()]
     for metric, value, sheet_value in (("device memory copy", peaks.copy_gbps, sheet and sheet.memory_gbps),
                                        ("host to device", peaks.h2d_gbps, sheet and sheet.host_link_gbps),
                                        ("device to host", peaks.d2h_gbps, sheet and sheet.host_link_gbps)):
         if value:
-            rows.append(row(metric, value, "GB/s", sheet_value))
+            rows.append(row(metric, value, f"{value:.4g} GB/s", sheet_value, "GB/s"))
     if peaks.launch_s:
         what = "kernel launch overhead" if peaks.device == "cuda" else "per-op overhead (torch dispatch on CPU)"
         rows.append((what, format_seconds(peaks.launch_s), "-", "-"))
@@ -154,10 +163,7 @@ def _command(args) -> int:
         print("\n".join(table_lines(_datasheet_table())))
         return 0
     run = load_run(args.run)
-    peaks = measured_peaks(run.of_kind("peak"), run.device, device_label(run.machine_info, run.device))
-    if peaks is None:
-        raise RunError(f"{run.path} has no peak cases; measure them with "
-                       "`pytest bench/test_peaks.py --benchmark-json=FILE`")
+    peaks = run_peaks(run)
     sheet = datasheet_for((used_gpu(run.machine_info) or {}).get("name"))
     print(f"peaks measured on {peaks.label} ({run.path}); "
           + (f"datasheet: {sheet.name} ({sheet.source})" if sheet else "no datasheet for this device"))

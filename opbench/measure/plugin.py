@@ -19,7 +19,9 @@ from opbench.dist.world import is_reporting_rank
 from opbench.measure.bench_adapter import silence_rank
 from opbench.measure.runner import run_case
 from opbench.measure.hardware import energy_unavailable, gpu_info, software_versions, stable_facts, torch_gpu_name
-from opbench.ops import FAMILIES, get_family
+from opbench.ops.backends import describe_patterns, unknown_patterns
+from opbench.ops.dtypes import DTYPES
+from opbench.spec.workload import WORKLOAD_SYNTAX
 from opbench.measure.peaks import datasheet_for
 from opbench.analyze.roofline import add_roofline
 from opbench.measure.selection import PROFILES, Selection, SelectionError, select
@@ -63,16 +65,17 @@ def pytest_addoption(parser):
     group.addoption("--model", action="append", metavar="NAME|PATH",
                     help="model to plan: a zoo name (see `opbench models`) or a Hugging Face config.json path; "
                          "repeat or comma-separate for several. Default: the profile's models.")
-    group.addoption("--workload", action="append", metavar="PHASE:b=B,s=S[,smin=S0][,tp=N][,r=R]",
+    group.addoption("--workload", action="append", metavar=WORKLOAD_SYNTAX,
                     help="workload to plan, e.g. prefill:b=1,s=2048 or decode:b=32,s=4096,tp=8 "
                          "(s: prompt, context or sequence length; smin: a decode batch's shortest context, the "
                          "others spread evenly up to s; r: LoRA rank for finetune); repeat for several. "
                          "Default: the profile's workloads.")
     group.addoption("--dtype", action="append", metavar="DTYPE",
-                    help="dtypes to run: bf16, fp16, fp32, tf32, fp8 (comma-separated or repeated). "
+                    help=f"dtypes to run: {', '.join(DTYPES)} (comma-separated or repeated). "
                          "Default: the profile's.")
-    group.addoption("--backend", action="append", metavar="NAME",
-                    help="only these backends (comma-separated or repeated), e.g. torch,triton. Default: all.")
+    group.addoption("--backend", action="append", metavar="PATTERN",
+                    help=f"only these backends (comma-separated or repeated): each {describe_patterns()}; "
+                         "e.g. torch,sdpa* or eager. Default: all.")
     group.addoption("--profile", choices=sorted(PROFILES), default=None,
                     help="; ".join(f"{p.name}: {p.about}" for p in PROFILES.values())
                          + ". Default: default on a GPU, smoke on a CPU.")
@@ -100,10 +103,6 @@ def _resolve_device(choice: str) -> str:
     return choice
 
 
-def _known_backends() -> set[str]:
-    return {b for op in FAMILIES for b in get_family(op).backends}
-
-
 def pytest_configure(config):
     opt = config.option
     device = _resolve_device(opt.device)
@@ -112,10 +111,10 @@ def pytest_configure(config):
                            dtypes=opt.dtype, backends=opt.backend)
     except SelectionError as error:
         raise pytest.UsageError(f"opbench: {error}") from None
-    unknown = set(selection.backends or ()) - _known_backends()
+    unknown = unknown_patterns(selection.backends or ())
     if unknown:
-        raise pytest.UsageError(f"opbench: unknown backend(s) {', '.join(sorted(unknown))} "
-                                f"(known: {', '.join(sorted(_known_backends()))})")
+        raise pytest.UsageError(f"opbench: unknown backend(s) {', '.join(unknown)} (a pattern is "
+                                f"{describe_patterns()})")
     explicit_time = any(a.startswith("--benchmark-max-time") for a in config.invocation_params.args)
     budget = opt.benchmark_max_time if explicit_time else selection.profile.budget_s
     min_rounds = opt.benchmark_min_rounds if any(
@@ -129,10 +128,20 @@ def pytest_configure(config):
     settings = RunSettings(device=device, budget_s=float(budget), min_rounds=int(min_rounds),
                            l2=opt.l2 or ("rotate" if device == "cuda" else "warm"), energy=opt.energy)
     config.stash[STATE] = State(selection, settings)
+    if selection.unserved():
+        config.issue_config_time_warning(pytest.PytestConfigWarning(unserved_line(selection)), stacklevel=2)
     config.addinivalue_line("markers", "opbench: a case measured by opbench")
     if not is_reporting_rank():  # under torchrun every rank runs pytest; rank 0 alone reports
         silence_rank(config)
     use_card_storage(config, device)  # saved runs kept per card, before pytest-benchmark opens its storage
+
+
+def unserved_line(selection: Selection) -> str:
+    """What a --backend selection leaves unmeasured, and how to keep it."""
+    ops = "; ".join(f"{op} (its backends: {', '.join(names)})" for op, names in selection.unserved().items())
+    return (f"opbench: --backend {','.join(selection.backends)} leaves planned ops with no backend, so no "
+            f"estimate can compose from this run: {ops}; add their backends, a glob such as sdpa*, or a group "
+            f"such as eager")
 
 
 def pytest_generate_tests(metafunc):
@@ -185,10 +194,13 @@ def pytest_report_header(config):
     run_state = config.stash[STATE]
     sel = run_state.selection
     models = sorted({p.model.name for p in sel.plans})
-    return (f"opbench {__version__}: profile {sel.profile.name}, device {sel.device}, "
-            f"{len(sel.plans)} plans ({', '.join(models)}), dtypes {','.join(sel.dtypes)}, "
-            f"budget {run_state.settings.budget_s:g} s/case, L2 {run_state.settings.l2}"
-            + (", TRITON_INTERPRET=1" if os.environ.get("TRITON_INTERPRET") == "1" else ""))
+    lines = [f"opbench {__version__}: profile {sel.profile.name}, device {sel.device}, "
+             f"{len(sel.plans)} plans ({', '.join(models)}), dtypes {','.join(sel.dtypes)}, "
+             f"budget {run_state.settings.budget_s:g} s/case, L2 {run_state.settings.l2}"
+             + (", TRITON_INTERPRET=1" if os.environ.get("TRITON_INTERPRET") == "1" else "")]
+    if sel.unserved():
+        lines.append(unserved_line(sel))
+    return lines
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
@@ -230,5 +242,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for line in summary_lines(run_state.timed, run_state.settings.device):
         terminalreporter.write_line(line)
     terminalreporter.section("opbench estimates")
-    for line in composition_lines(run_state.composition()):
+    for line in composition_lines(run_state.composition(), run_state.settings.device):
         terminalreporter.write_line(line)

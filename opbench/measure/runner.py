@@ -37,7 +37,9 @@ def is_oom(error: BaseException) -> bool:
 def finish(benchmark, record: Record, samples: Samples | None, settings: RunSettings) -> Record:
     """The record with its timing, handed to pytest-benchmark and written as extra_info. Without
     samples (benchmarking disabled) the record says how the case ran and holds no time."""
-    if samples is not None and benchmark.enabled:
+    if samples is None or not benchmark.enabled:
+        record_samples(benchmark, ())  # the gate alone ran: pytest-benchmark learns its fixture was used
+    else:
         stability = Stability.of(samples.per_call_s, settings.stable_ci)
         if samples.host is not None and samples.host.busy:
             stability = dataclasses.replace(stability, stable=False)

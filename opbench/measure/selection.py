@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from opbench.ops import FAMILIES, get_family
+from opbench.ops.backends import backend_filter
+from opbench.ops.collective import COLLECTIVES
 from opbench.ops.dtypes import get_dtype
 from opbench.spec.models import ConfigError, ModelConfig, get_model
 from opbench.spec.workload import PlanError, parse_workload
@@ -62,7 +66,18 @@ class Selection:
     device: str
     plans: tuple[Plan, ...]
     dtypes: tuple[str, ...]
-    backends: tuple[str, ...] | None  # None: every backend
+    backends: tuple[str, ...] | None  # patterns of opbench.ops.backends; None: every backend
+
+    def allows(self, backend: str) -> bool:
+        return backend_filter(self.backends)(backend)
+
+    def unserved(self) -> dict[str, tuple[str, ...]]:
+        """The ops the plans call (fused kernels included) that the backend patterns leave without a
+        backend, each with the backends it has. Collectives are left aside: their backend is the
+        process group the device implies."""
+        ops = dict.fromkeys(c.op for p in self.plans for c in p.all_calls if c.op not in COLLECTIVES)
+        backends = {op: tuple(get_family(op).backends) for op in ops}
+        return {op: names for op, names in backends.items() if not any(map(self.allows, names))}
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -101,3 +116,16 @@ def select(*, profile: str | None, device: str, models: list[str] | None = None,
         raise SelectionError(str(error)) from None
     return Selection(prof, device, tuple(plans), tuple(dict.fromkeys(p.workload.dtype for p in plans)),
                      tuple(_split(backends)) or None)
+
+
+def measure_command(plans: Iterable[Plan], ops: Iterable[str], backends: Iterable[str] = ()) -> str:
+    """One pytest command that measures `ops` at every call the plans make of them: the ops' bench
+    modules (bench/test_OP.py), the plans' models, workloads and dtypes, and the backend patterns."""
+    plans = list(plans)
+    modules = [f"bench/test_{op}.py" for op in dict.fromkeys(ops) if op in FAMILIES and op not in COLLECTIVES]
+    options = [f"--model {m}" for m in dict.fromkeys(p.model.name for p in plans)]
+    options += [f"--workload {w}" for w in dict.fromkeys(p.workload.label for p in plans)]
+    options.append(f"--dtype {','.join(dict.fromkeys(p.workload.dtype for p in plans))}")
+    if backends:
+        options.append(f"--backend {','.join(backends)}")
+    return " ".join(["pytest", *modules, *options])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from opbench.record import OpCase
 from opbench.ops import get_family
 from opbench.ops.base import PASSES
-from opbench.text import format_seconds, roles_cell, table_lines
+from opbench.text import device_noun, format_flops, format_seconds, roles_cell, table_lines
 
 
 def summary_lines(timed: list[OpCase], device: str) -> list[str]:
@@ -13,7 +13,7 @@ def summary_lines(timed: list[OpCase], device: str) -> list[str]:
     for r in timed:
         key = r.key[:3] + r.key[4:]  # identity without the backend
         best[key] = min(best.get(key, float("inf")), r.median_s)
-    rows = [("op", "shape", "dtype", "pass", "backend", "median", "TFLOP/s", "GB/s", "CI", "timer", "serves")]
+    rows = [("op", "shape", "dtype", "pass", "backend", "median", "compute", "GB/s", "CI", "timer", "serves")]
     unstable = 0
     for r in sorted(timed, key=lambda r: (r.op, PASSES.index(r.pass_), r.dtype)):
         star = "*" if r.median_s <= best[r.key[:3] + r.key[4:]] else ""
@@ -21,7 +21,8 @@ def summary_lines(timed: list[OpCase], device: str) -> list[str]:
         unstable += not stable
         shape = get_family(r.op).id_of(get_family(r.op).shape_type(**r.shape))
         rows.append((r.op, shape, r.dtype, r.pass_, r.backend + star, format_seconds(r.median_s),
-                     f"{r.tflops:.3g}", f"{r.gbps:.4g}", _ci_cell(r), f"{r.timer}x{r.unroll}", roles_cell(r.roles)))
+                     format_flops(r.tflops * 1e12) if r.flops else "-", f"{r.gbps:.4g}", _ci_cell(r),
+                     f"{r.timer}x{r.unroll}", roles_cell(r.roles)))
     return [f"medians per call on {device}; * fastest backend for that shape, dtype and pass; CI: the median's "
             "95% confidence half-width, ! marks an unstable case; timer x calls per timed replay (cuda-graph) or "
             "round (cpu)", *table_lines(rows),
@@ -40,9 +41,11 @@ def _ci_cell(r) -> str:
 _WHAT = {"prefill": "time to first token", "decode": "per output token", "train": "step", "finetune": "step"}
 
 
-def composition_lines(result: dict) -> list[str]:
-    """Per plan: the model step, its modules (time and share), the end-to-end figures; then the
-    composed-versus-measured check of the units."""
+def composition_lines(result: dict, device: str = "cuda") -> list[str]:
+    """Per plan: the model step, its modules (time and share), the fusions applied, the end-to-end
+    figures per device of the run; then what could not be composed, once, with the command that
+    measures it; then the composed-versus-measured check of the units."""
+    noun = device_noun(device)
     lines = []
     for b, e in zip(result["breakdowns"], result["estimates"]):
         src = ", ".join(f"{n} {k}" for k, n in b["sources"].items() if n)
@@ -52,15 +55,27 @@ def composition_lines(result: dict) -> list[str]:
         modules = sorted(b["modules"].items(), key=lambda kv: -kv[1]["time_s"])
         lines.append("  " + " | ".join(f"{m} {format_seconds(v['time_s'])} {100 * v['share']:.1f}%"
                                        for m, v in modules))
-        figures = [f"{e['tokens_per_s_per_gpu']:.4g} tokens/s per GPU",
-                   f"{e['gpu_s_per_1k_tokens']:.3g} GPU-s per 1k tokens",
+        if b.get("fused"):
+            lines.append(f"  fused: {'; '.join(b['fused'])}")
+        figures = [f"{e['tokens_per_s_per_gpu']:.4g} tokens/s per {noun}",
+                   f"{e['gpu_s_per_1k_tokens']:.3g} {noun}-s per 1k tokens",
                    f"memory {e['memory']['weights_bytes'] / 2**30:.3g} GiB weights + "
-                   f"{(e['memory']['kv_cache_bytes'] + e['memory']['activations_bytes']) / 2**30:.3g} GiB cache/activations"]
+                   f"{(e['memory']['kv_cache_bytes'] + e['memory']['activations_bytes']) / 2**30:.3g} "
+                   "GiB cache/activations"]
         if e["mfu"] is not None:
             figures.append(f"MFU {100 * e['mfu']:.1f}%")
         lines.append("  " + "; ".join(figures))
-    for m in result["missing"]:
-        lines.append(f"not composed: {m['plan']}{' ' + m['unit'] if 'unit' in m else ''}: {m['reason']}")
+    for what, entries in (("plans", [m for m in result["missing"] if "unit" not in m]),
+                          ("units", [m for m in result["missing"] if "unit" in m])):
+        if not entries:
+            continue
+        ops = ", ".join(dict.fromkeys(op for m in entries for op in m.get("ops", ())))
+        names = [m["plan"] + (f" {m['unit']}" if "unit" in m else "") for m in entries]
+        lines.append(f"not composed: {len(entries)} {what if len(entries) > 1 else what[:-1]} "
+                     f"({roles_cell(names)}) lack measurements of {ops}"
+                     + (" (units compose from eager backends)" if what == "units" else ""))
+        if result.get(f"measure_{what}"):
+            lines.append(f"  measure them with: {result[f'measure_{what}']}")
     if result["validation"]:
         lines.append("composed vs measured (units run torch's eager ops; no all-reduce, no optimizer step):")
         for v in result["validation"]:

@@ -231,7 +231,7 @@ def _decode_only(what: str) -> Callable:
 
 def _half_only(what: str) -> Callable:
     def requires(s: AttentionShape, dtype: DType, device: str) -> str | None:
-        return f"{what} runs fp16/bf16 only" if dtype.name == "fp32" else None
+        return f"{what} runs fp16/bf16 only" if dtype.bits > 16 else None
     return requires
 
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from opbench.ops.dtypes import DType
+from opbench.ops.dtypes import DType, get_dtype
 
 PASSES = ("fwd", "dgrad", "wgrad", "bwd")
 
@@ -41,8 +41,7 @@ class OpFamily:
     dtypes: tuple[str, ...] = ("bf16", "fp16", "fp32")
     shape_id: Callable[[Any], str] = None  # short, stable id of a shape; default: values joined by "x"
     backends: dict[str, Backend] = field(default_factory=dict)
-    # workload dtype -> the dtype the op runs in, for workload dtypes not in `dtypes`
-    fallbacks: dict[str, str] = field(default_factory=lambda: {"fp8": "bf16", "tf32": "fp32"})
+    runs_in: str | None = None  # the one dtype the op runs in whatever the workload's (else: `dtypes`)
 
     def backend(self, name: str, *, impl: str, requires: Requires | None = None):
         """Decorator: register `prepare` as backend `name`."""
@@ -54,11 +53,13 @@ class OpFamily:
         return register
 
     def case_dtype(self, dtype: str) -> str | None:
-        """The dtype this op runs in for a workload of `dtype`: the op's own, a fallback, or None."""
+        """The dtype this op runs in for a workload of `dtype`: the op's own, the dtype's first
+        fallback the op has (fp8 -> bf16, tf32 -> fp32), or None."""
+        if self.runs_in is not None:
+            return self.runs_in
         if dtype in self.dtypes:
             return dtype
-        fallback = self.fallbacks.get(dtype)
-        return fallback if fallback in self.dtypes else None
+        return next((d for d in get_dtype(dtype).fallbacks if d in self.dtypes), None)
 
     def id_of(self, shape) -> str:
         if self.shape_id is not None:
@@ -120,14 +121,16 @@ def tf32_needs_cuda(shape, dtype: DType, device: str) -> str | None:
     return None
 
 
-def fp8_needs_sm89(shape, dtype: DType, device: str) -> str | None:
-    if dtype.name != "fp8":
+def needs_capability(shape, dtype: DType, device: str) -> str | None:
+    """The dtype's matmul needs a GPU of its minimum compute capability (fp8: 8.9)."""
+    if dtype.min_capability is None:
         return None
+    need = ".".join(map(str, dtype.min_capability))
     if device != "cuda":
-        return "fp8 matmul needs a CUDA GPU of compute capability 8.9 or newer"
+        return f"{dtype.name} matmul needs a CUDA GPU of compute capability {need} or newer"
     major, minor = torch.cuda.get_device_capability()
-    if (major, minor) < (8, 9):
-        return f"fp8 matmul needs compute capability 8.9 or newer (this GPU: {major}.{minor})"
+    if (major, minor) < dtype.min_capability:
+        return f"{dtype.name} matmul needs compute capability {need} or newer (this GPU: {major}.{minor})"
     return None
 
 

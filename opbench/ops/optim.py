@@ -1,7 +1,7 @@
 """The optimizer step: AdamW over the parameters one GPU updates, ParamsShape(params).
 
 Mixed-precision training keeps fp32 master weights, fp32 gradients and fp32 moments, so the step
-runs in fp32 whatever the workload's dtype (the family's fallbacks). The parameters come as TENSORS
+runs in fp32 whatever the workload's dtype (the family's runs_in). The parameters come as TENSORS
 tensors of near-equal size, about as many as a decoder layer hands the optimizer, so that the
 multi-tensor (foreach) and fused implementations batch over tensors as they do in training.
 """
@@ -59,8 +59,7 @@ def reference(inp: dict, dtype: DType, pass_: str) -> tuple[torch.Tensor, ...]:
 
 
 ADAMW = OpFamily(name="adamw", shape_type=ParamsShape, flops=flops, bytes=bytes_moved, inputs=inputs,
-                 reference=reference, dtypes=("fp32",),
-                 fallbacks={"bf16": "fp32", "fp16": "fp32", "tf32": "fp32", "fp8": "fp32"})
+                 reference=reference, dtypes=("fp32",), runs_in="fp32")
 
 
 def _adamw_step(inp: dict, fused: bool):

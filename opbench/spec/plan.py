@@ -1,4 +1,5 @@
-"""plan(): the op calls of one decoder layer, plus embedding and LM head.
+"""plan(): the op calls of one decoder layer, plus embedding and LM head, and the fused kernels
+that may replace some of them.
 
 The same plan decides what is measured (opbench.measure.cases) and what is composed, so the two never
 disagree. Shapes are per GPU: tensor parallelism shards attention heads and MLP columns (qkv,
@@ -7,7 +8,7 @@ gate/up) and rows (o, down) the Megatron way, with an all-reduce after each row-
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from opbench.ops.dtypes import DTYPES
 from opbench.spec.workload import PlanError, Workload
@@ -31,29 +32,71 @@ class OpCall:
         return {"role": self.role, "op": self.op, "shape": asdict(self.shape), "pass": self.pass_,
                 "count": self.count, "scope": self.scope}
 
+    @classmethod
+    def from_dict(cls, c: dict) -> OpCall:
+        from opbench.ops import get_family
+
+        return cls(c["role"], c["op"], get_family(c["op"]).shape_type(**c["shape"]), c["pass"], c["count"], c["scope"])
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """Calls one fused kernel may replace: the calls of the roles in `replaces`, every pass of them,
+    give way to `calls`, the fused kernel's."""
+    replaces: tuple[str, ...]  # roles, in the order they run
+    calls: tuple[OpCall, ...]
+
+    @property
+    def op(self) -> str:
+        return self.calls[0].op
+
+    @property
+    def label(self) -> str:
+        return f"{' + '.join(self.replaces)} -> {self.op}"
+
+    def to_dict(self) -> dict:
+        return {"replaces": list(self.replaces), "calls": [c.to_dict() for c in self.calls]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Fusion:
+        return cls(tuple(d["replaces"]), tuple(map(OpCall.from_dict, d["calls"])))
+
 
 @dataclass(frozen=True)
 class Plan:
     model: ModelConfig
     workload: Workload
     calls: tuple[OpCall, ...] = field(default_factory=tuple)
+    fusions: tuple[Fusion, ...] = ()  # what fused kernels may replace; none applied in `calls`
 
     @property
     def name(self) -> str:
         return f"{self.model.name}/{self.workload.label}/{self.workload.dtype}"
 
+    @property
+    def all_calls(self) -> tuple[OpCall, ...]:
+        """The calls and those of the fused kernels: every call a composition may ask a time of."""
+        return self.calls + tuple(c for f in self.fusions for c in f.calls)
+
+    def fuse(self, fusions) -> Plan:
+        """The plan with `fusions` (some of its own) applied: each one's fused calls where the first
+        call it replaces was, the calls it replaces gone."""
+        calls = list(self.calls)
+        for f in fusions:
+            at = next(i for i, c in enumerate(calls) if c.role in f.replaces)
+            calls[at:at] = f.calls
+            calls = [c for c in calls if c.role not in f.replaces]
+        return replace(self, calls=tuple(calls), fusions=tuple(f for f in self.fusions if f not in fusions))
+
     def to_dict(self) -> dict:
         return {"model": asdict(self.model), "workload": asdict(self.workload),
-                "calls": [c.to_dict() for c in self.calls]}
+                "calls": [c.to_dict() for c in self.calls], "fusions": [f.to_dict() for f in self.fusions]}
 
     @classmethod
     def from_dict(cls, d: dict) -> Plan:
         """A plan as the JSON's opbench.plans holds it."""
-        from opbench.ops import get_family
-
-        calls = tuple(OpCall(c["role"], c["op"], get_family(c["op"]).shape_type(**c["shape"]), c["pass"], c["count"],
-                             c["scope"]) for c in d["calls"])
-        return cls(ModelConfig(**d["model"]), Workload(**d["workload"]), calls)
+        return cls(ModelConfig(**d["model"]), Workload(**d["workload"]), tuple(map(OpCall.from_dict, d["calls"])),
+                   tuple(map(Fusion.from_dict, d.get("fusions") or ())))
 
 
 @dataclass(frozen=True)
@@ -106,7 +149,7 @@ def plan(model: ModelConfig, workload: Workload) -> Plan:
     training, lora = w.training, w.phase == "finetune"
     tokens = w.batch if w.phase == "decode" else w.batch * w.seq_len
     lm_tokens = tokens if training else w.batch  # inference needs logits of the last position only
-    act_bytes = 2 if w.dtype == "fp8" else DTYPES[w.dtype].bytes  # fp8 GEMMs still pass bf16 activations
+    act = DTYPES[w.dtype].activation  # what the all-reduces carry: fp8 GEMMs still pass bf16 activations
     rows = RowsShape(tokens, h)
     calls: list[OpCall] = []
 
@@ -123,7 +166,7 @@ def plan(model: ModelConfig, workload: Workload) -> Plan:
     def allreduce(role, scope="layer"):
         if w.tp > 1:  # forward all-reduce, and its twin on the backward path
             n = 2 if training else 1
-            calls.append(OpCall(role, "allreduce", CollectiveShape(tokens * h * act_bytes, w.tp), "fwd", n, scope))
+            calls.append(OpCall(role, "allreduce", CollectiveShape(act.bytes_of(tokens * h), w.tp), "fwd", n, scope))
 
     # Embedding (vocab-parallel under tp: each GPU holds a slice, partial results are all-reduced)
     tokenwise("embed", "embedding", VocabShape(tokens, h, dims.vocab), scope="model")
@@ -168,7 +211,18 @@ def plan(model: ModelConfig, workload: Workload) -> Plan:
     if training:
         tokenwise("loss", "cross_entropy", VocabShape(tokens, dims.vocab, model.vocab), scope="model")
         calls.extend(_optimizer_calls(model, w, dims))
-    return Plan(model, w, tuple(calls))
+    return Plan(model, w, tuple(calls), _fusions(model, rows, training))
+
+
+def _fusions(model: ModelConfig, rows: RowsShape, training: bool) -> tuple[Fusion, ...]:
+    """Each residual add with the RMSNorm after it, as one add_rmsnorm (vLLM's fused_add_rms_norm,
+    flash-attn's prenorm residual), in the add's passes. After the MLP's add comes the next layer's
+    input norm: fusing the two in every layer leaves the final norm, of the same shape, to stand for
+    the first layer's input norm, which no add precedes; the step's total is that of the model."""
+    if model.norm != "rmsnorm":
+        return ()
+    return tuple(Fusion(pair, tuple(_tokenwise("+".join(pair), "add_rmsnorm", rows, training)))
+                 for pair in (("residual.attn", "norm.post_attn"), ("residual.mlp", "norm.input")))
 
 
 def _optimizer_calls(model: ModelConfig, w: Workload, dims: ShardDims) -> list[OpCall]:

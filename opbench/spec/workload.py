@@ -48,6 +48,8 @@ class Workload:
 
 
 _WORKLOAD_KEYS = {"b": "batch", "s": "seq_len", "tp": "tp", "r": "lora_rank", "smin": "min_context"}
+# The grammar of a workload, as every help text and error spells it
+WORKLOAD_SYNTAX = "PHASE:b=BATCH,s=LENGTH[,smin=LENGTH][,tp=N][,r=RANK]"
 
 
 def parse_workload(text: str, dtype: str = "bf16") -> Workload:
@@ -55,7 +57,7 @@ def parse_workload(text: str, dtype: str = "bf16") -> Workload:
     smin: a decode batch's shortest context (contexts spread evenly from smin to s)."""
     m = re.fullmatch(r"\s*(\w+)\s*:\s*(.*?)\s*", text)
     if not m:
-        raise PlanError(f"workload {text!r}: expected PHASE:b=BATCH,s=LENGTH[,smin=LENGTH][,tp=N][,r=RANK]")
+        raise PlanError(f"workload {text!r}: expected {WORKLOAD_SYNTAX}")
     phase, rest = m.groups()
     values: dict[str, int] = {}
     for item in filter(None, (p.strip() for p in rest.split(","))):
