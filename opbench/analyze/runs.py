@@ -45,7 +45,7 @@ def label(m: OpCase) -> str:
     """op, shape (as in the test id), dtype, pass and backend."""
     shape = get_family(m.op).id_of(get_family(m.op).shape_type(**m.shape)) if m.op in FAMILIES else \
         "x".join(str(v) for v in m.shape.values())
-    return f"{m.op} {shape} {m.dtype} {m.pass_} {m.backend}"
+    return f"{m.op} {shape} {m.dtype} {m.pass_} {m.backend}" + (" graph" if getattr(m, "graph", False) else "")
 
 
 def _records(benchmarks: list) -> list[Record]:
