@@ -9,6 +9,8 @@ import pytest
 from opbench.analyze.alphabeta import Fit, fit_all
 from opbench.dist.collectives import (
     collective_cases,
+    collective_runs,
+    nccl_version,
     run_collective_case,
     summary_lines,
 )
@@ -40,7 +42,7 @@ class _Run:
         return self.world.layout() if self.world else launch_layout(self.launch) | {"backend": self.backend}
 
     def fits(self) -> list[Fit]:
-        return fit_all((r.op, r.dtype, r.backend, r.world, r.bytes, r.median_s) for r in self.timed)
+        return fit_all((r.op, r.dtype, r.backend, r.world, r.bytes, r.median_s, r.graph) for r in self.timed)
 
 
 _RUN = pytest.StashKey[_Run]()
@@ -69,7 +71,8 @@ def pytest_generate_tests(metafunc):
         return
     run = metafunc.config.stash[_RUN]
     cases = collective_cases(state(metafunc.config).selection, run.launch.world_size, run.backend)
-    metafunc.parametrize("collective", cases, ids=[f"{c.op}-{c.id}" for c in cases])
+    runs = collective_runs(cases, run.backend, nccl_version())
+    metafunc.parametrize("collective", runs, ids=[r.id for r in runs])
 
 
 @pytest.fixture(scope="session")
@@ -89,9 +92,10 @@ def measure_collective(benchmark, world, request):
     """Run a collective case on every rank: agreed skips, correctness, fixed rounds, slowest rank's times."""
     run = request.config.stash[_RUN]
 
-    def measure(case) -> None:
+    def measure(collective) -> None:
         try:
-            record = run_collective_case(benchmark, case, state(request.config).settings, world)
+            record = run_collective_case(benchmark, collective.case, state(request.config).settings, world,
+                                         graph=collective.graph)
         except DistributedError as error:
             stop(str(error), request.config)
         if record.timed:
@@ -108,7 +112,8 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     run = config.stash[_RUN]
     output_json.setdefault("opbench", {})["collectives"] = {
         "world": run.layout(),
-        "model": "time_s = alpha_s + busbw_factor(op, world) * size_bytes / (busbw_gbps * 1e9)",
+        "model": "time_s = alpha_s + busbw_factor(op, world) * size_bytes / (busbw_gbps * 1e9); fits with graph: "
+                 "true come from CUDA-graph replays (NCCL alone), the others from calls launched one by one",
         "fits": [f.to_dict() for f in run.fits()],
     }
 

@@ -100,8 +100,8 @@ class HostLoad:
 class Energy:
     """NVML's energy counter over a window of back-to-back replays."""
     j_per_call: float
-    window_s: float
-    scope: str = "whole board, idle power included"
+    window_s: float  # wall time of the window, at least a second
+    scope: str = "whole board, idle power included"  # what the counter covers
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,8 @@ class Record:
     host: HostLoad | None = None
     energy: Energy | None = None
     correct: Gate | None = None
+    setup_s: float | None = None  # case start to first timed round: gate, compile, autotune, copies, capture
+    timing_s: float | None = None  # the timed rounds and the energy window
 
     def to_info(self) -> dict[str, Any]:
         info: dict[str, Any] = {"kind": self.kind, "record": RECORD_VERSION}
@@ -197,6 +199,12 @@ class CollectiveCase(OpCase):
     busbw_factor: float
     rank_median_s: tuple[float, ...] = ()  # each rank's own median
     graph: bool = False  # timed as CUDA-graph replays of the collective (no dispatch cost per call)
+
+    @property
+    def key(self) -> tuple:
+        """An op case's identity, marked where the collective was timed as CUDA-graph replays: a
+        message's plain and graph timings are two cases."""
+        return super().key + (("graph",) if self.graph else ())
 
     @property
     def algbw_gbps(self) -> float | None:

@@ -39,6 +39,7 @@ class Fit(AlphaBeta):
     min_bytes: int = 0
     max_bytes: int = 0
     max_rel_residual: float = 0.0  # the worst |model - measured| / measured over the points
+    graph: bool = False  # fitted to CUDA-graph replays: NCCL's latency without the dispatch of a call
 
 
 def predict(op: str, size_bytes: int, world: int, model: AlphaBeta | FabricProfile) -> float:
@@ -55,7 +56,8 @@ def predict(op: str, size_bytes: int, world: int, model: AlphaBeta | FabricProfi
     return ab.alpha_s + factor * size_bytes / (ab.busbw_gbps * 1e9)
 
 
-def fit(op: str, points: Iterable[tuple[int, float]], world: int, dtype: str, backend: str) -> Fit:
+def fit(op: str, points: Iterable[tuple[int, float]], world: int, dtype: str, backend: str,
+        graph: bool = False) -> Fit:
     """alpha and beta from (size_bytes, time_s) points of one op at one world size.
 
     Least squares on relative residuals ((model - t) / t), so that small messages, whose times are
@@ -84,9 +86,9 @@ def fit(op: str, points: Iterable[tuple[int, float]], world: int, dtype: str, ba
             alpha, slope = swt / sw, 0.0
     worst = max(abs(alpha + slope * x - t) / t for x, t in zip(xs, ts))
     return Fit(op=op, alpha_s=alpha, busbw_gbps=1 / slope / 1e9 if slope > 0 else None, world=world,
-               source=f"measured: {backend} {dtype}, world of {world}",
+               source=f"measured: {backend} {dtype}{', CUDA graph' if graph else ''}, world of {world}",
                dtype=dtype, backend=backend, points=len(pts), min_bytes=pts[0][0], max_bytes=pts[-1][0],
-               max_rel_residual=worst)
+               max_rel_residual=worst, graph=graph)
 
 
 @dataclass(frozen=True)
@@ -136,10 +138,12 @@ def get_profile(name: str) -> FabricProfile:
         raise KeyError(f"unknown fabric profile {name!r} (known: {', '.join(PROFILES)})") from None
 
 
-def fit_all(results: Iterable[tuple[str, str, str, int, int, float]]) -> list[Fit]:
-    """One fit per (op, dtype, backend, world) from (op, dtype, backend, world, size_bytes, time_s) rows."""
-    groups: dict[tuple[str, str, str, int], list[tuple[int, float]]] = {}
-    for op, dtype, backend, world, size, time_s in results:
+def fit_all(results: Iterable[tuple]) -> list[Fit]:
+    """One fit per (op, dtype, backend, world, graph) from (op, dtype, backend, world, size_bytes,
+    time_s[, graph]) rows: CUDA-graph timings are fitted apart from calls launched one by one."""
+    groups: dict[tuple[str, str, str, int, bool], list[tuple[int, float]]] = {}
+    for op, dtype, backend, world, size, time_s, *graph in results:
         if time_s > 0 and math.isfinite(time_s):
-            groups.setdefault((op, dtype, backend, world), []).append((size, time_s))
-    return [fit(op, pts, world, dtype=dtype, backend=backend) for (op, dtype, backend, world), pts in groups.items()]
+            groups.setdefault((op, dtype, backend, world, bool(graph and graph[0])), []).append((size, time_s))
+    return [fit(op, pts, world, dtype=dtype, backend=backend, graph=graph)
+            for (op, dtype, backend, world, graph), pts in groups.items()]

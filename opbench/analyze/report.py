@@ -22,7 +22,7 @@ from opbench.analyze.compare import (DEFAULT_THRESHOLD_PCT, SECTIONS, Comparison
 from opbench.measure.peaks import comparison_rows, datasheet_for, measured_peaks, run_peaks
 from opbench.analyze.roofline import Ceilings, bound, run_ceilings
 from opbench.analyze.compose import Breakdown, run_breakdowns
-from opbench.analyze.runs import Run, device_label, environment, label, load_run, resolve_run, shape_label, used_gpu
+from opbench.analyze.runs import Run, device_label, environment, label, load_run, resolve_run, shape_id, used_gpu
 from opbench.record import OpCase
 from opbench.text import format_flops, format_seconds, roles_cell, write_file
 
@@ -177,7 +177,7 @@ def _op_tables_html(run: Run, ceil: Ceilings | None) -> str:
     by_op: dict[str, dict[tuple, dict[str, OpCase]]] = defaultdict(lambda: defaultdict(dict))
     for m in run.measurements:
         if m.kind != "peak":  # peak cases have their own section
-            by_op[m.op][(shape_label(m), m.dtype, m.pass_)][m.backend] = m
+            by_op[m.op][(shape_id(m), m.dtype, m.pass_)][m.backend] = m
     parts = []
     for op in sorted(by_op):
         cases = by_op[op]

@@ -51,7 +51,7 @@ def shape_id(m: OpCase) -> str:
 
 def label(m: OpCase) -> str:
     """op, shape (as in the test id), dtype, pass and backend."""
-    return f"{m.op} {shape_id(m)} {m.dtype} {m.pass_} {m.backend}"
+    return f"{m.op} {shape_id(m)} {m.dtype} {m.pass_} {m.backend}" + (" graph" if getattr(m, "graph", False) else "")
 
 
 def _records(benchmarks: list) -> list[Record]:

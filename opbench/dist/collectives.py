@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -22,7 +22,18 @@ from opbench.measure.cases import Case
 from opbench.measure.gate import check
 from opbench.measure.runner import finish, is_oom
 from opbench.measure.selection import Selection
-from opbench.measure.timing import MAX_ROUNDS, RunSettings, Samples, calls_for
+from opbench.measure.timing import (
+    MAX_ROUNDS,
+    RunSettings,
+    Samples,
+    calls_for,
+    event_round,
+    graph_replay,
+    host_launch_s,
+    measure_stream,
+    spinner,
+    torch_cuda,
+)
 from opbench.ops import get_family
 from opbench.ops.base import shape_dict
 from opbench.ops.collective import (
@@ -39,6 +50,10 @@ from opbench.text import format_seconds, roles_cell, table_lines
 
 SWEEP_MIN_BYTES = 2**10
 GRADIENT_BUCKET_BYTES = 25 * 2**20  # torch DistributedDataParallel's default bucket_cap_mb
+# Messages up to this size are also timed as CUDA-graph replays: below it a few microseconds of
+# dispatch per call are a visible share of the collective (16 MiB all-reduce on 8 NVLink GPUs: ~100 us).
+GRAPH_MAX_BYTES = 2**24
+NCCL_GRAPH_MIN = (2, 9, 6)  # the first NCCL whose collectives a CUDA graph can capture (torch >= 1.10)
 
 
 def sweep_sizes(max_bytes: int) -> list[int]:
@@ -102,7 +117,52 @@ def collective_cases(selection: Selection, world: int, backend: str) -> list[Cas
     return sorted(cases.values(), key=lambda c: (order[c.op], c.dtype, c.shape.size_bytes))
 
 
-def run_collective_case(benchmark, case: Case, settings: RunSettings, world: World) -> CollectiveCase:
+def nccl_version() -> tuple[int, ...] | None:
+    """The NCCL torch was built with, or None (a CPU build)."""
+    try:
+        return tuple(torch.cuda.nccl.version()) if torch.version.cuda else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def graph_unsupported(backend: str, size_bytes: int, nccl: tuple[int, ...] | None) -> str | None:
+    """Why a collective case has no CUDA-graph twin, or None where it has one."""
+    if backend != "nccl":
+        return f"{backend} collectives cannot be captured in a CUDA graph"
+    if nccl is None or tuple(nccl) < NCCL_GRAPH_MIN:
+        return (f"NCCL {'.'.join(map(str, nccl)) if nccl else '(none)'} cannot be captured in a CUDA graph "
+                f"(needs {'.'.join(map(str, NCCL_GRAPH_MIN))} or newer)")
+    if size_bytes > GRAPH_MAX_BYTES:
+        return f"{size_bytes} B is past {GRAPH_MAX_BYTES} B, where dispatch is a negligible share of the call"
+    return None
+
+
+@dataclass(frozen=True)
+class CollectiveRun:
+    """One timed collective: its case launched call by call, or (graph) its CUDA-graph twin."""
+    case: Case
+    graph: bool = False
+
+    @property
+    def id(self) -> str:
+        return f"{self.case.op}-{self.case.id}" + ("-graph" if self.graph else "")
+
+
+def collective_runs(cases: list[Case], backend: str, nccl: tuple[int, ...] | None) -> list[CollectiveRun]:
+    """Every case launched call by call, as a framework issues it, dispatch included; followed, where
+    NCCL can be captured and the message is small, by its CUDA-graph twin, which times NCCL alone.
+    Their two alpha-beta fits put the collective's latency beside what dispatch adds to it."""
+    runs = []
+    for case in cases:
+        runs.append(CollectiveRun(case))
+        if graph_unsupported(backend, case.shape.size_bytes, nccl) is None:
+            runs.append(CollectiveRun(case, graph=True))
+    return runs
+
+
+def run_collective_case(benchmark, case: Case, settings: RunSettings, world: World,
+                        graph: bool = False) -> CollectiveCase:
+    started = time.perf_counter()
     family = get_family(case.op)
     backend = family.backends[case.backend]
     dtype = get_dtype(case.dtype)
@@ -110,7 +170,7 @@ def run_collective_case(benchmark, case: Case, settings: RunSettings, world: Wor
     record = CollectiveCase(op=case.op, backend=case.backend, dtype=case.dtype, pass_=case.pass_,
                             shape=shape_dict(shape), roles=tuple(case.roles),
                             bytes=family.bytes(shape, dtype, case.pass_), impl=backend.impl, world=world.size,
-                            busbw_factor=busbw_factor(case.op, shape.world))
+                            busbw_factor=busbw_factor(case.op, shape.world), graph=graph)
     with world.guard(f"{case.op} {shape_id(shape)} {case.dtype}"):
         _skip_on_all_ranks(world, backend.requires(shape, dtype, settings.device))
         inputs, reason = None, None
@@ -135,7 +195,7 @@ def run_collective_case(benchmark, case: Case, settings: RunSettings, world: Wor
         if not verdict.passed:
             pytest.fail(f"wrong result on rank {verdict.worst_rank}: relative error {verdict.rel_err:.3g} > "
                         f"tolerance {dtype.tol:g}", pytrace=False)
-        samples = _time(fn, settings, world) if benchmark.enabled else None
+        samples = _time(fn, settings, world, graph, started) if benchmark.enabled else None
     if samples is not None:
         mine, slowest = samples
         record = replace(record, rank_median_s=tuple(world.gather(statistics.median(mine.per_call_s))))
@@ -157,44 +217,72 @@ def _agreed_check(world: World, verdict: Gate) -> Gate:
     return Gate(worst_err, verdict.tol, verdict.worst_output, worst_rank)
 
 
-def _time(fn, settings: RunSettings, world: World) -> tuple[Samples, list[float]]:
+def _time(fn, settings: RunSettings, world: World, graph: bool, started: float) -> tuple[Samples, list[float]]:
     """Fixed rounds and iterations, the same on every rank (from the slowest rank's estimate), each
     round after a barrier so that no rank's time includes waiting for another to arrive. Returns this
     rank's samples and, round by round, the slowest rank's."""
     on_gpu = world.device.type == "cuda"
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
-    for _ in range(2):
+    iterations, rounds = _calibrate(fn, settings, world, on_gpu)
+    with measure_stream("cuda" if on_gpu else "cpu"):  # a side stream: the legacy one cannot be captured
+        if graph:
+            one_round, timer = _graph_round(fn, iterations, world), "cuda-graph"
+        elif on_gpu:
+            one_round, timer = event_round(lambda: _repeat(fn, iterations), iterations, world.barrier), "cuda-event"
+        else:
+            one_round, timer = _cpu_round(fn, iterations, world), "cpu"
+        one_round()  # warm-up
+        rounds_start = time.perf_counter()
+        mine = [one_round() for _ in range(rounds)]
+    slowest = world.max(*mine)  # round by round: every rank ran the same rounds in lockstep
+    return (Samples(mine, timer, iterations, "warm", setup_s=rounds_start - started,
+                    timing_s=time.perf_counter() - rounds_start), slowest)
+
+
+def _repeat(fn, iterations: int) -> None:
+    for _ in range(iterations):
         fn()
+
+
+def _calibrate(fn, settings: RunSettings, world: World, on_gpu: bool) -> tuple[int, int]:
+    """(iterations per round, rounds), from the slowest rank's time per call, agreed by every rank."""
+    sync = torch_cuda().synchronize if on_gpu else (lambda: None)
+    _repeat(fn, 2)
     sync()
     start = time.perf_counter()
-    for _ in range(3):
-        fn()
+    _repeat(fn, 3)
     sync()
     call_s, = world.max((time.perf_counter() - start) / 3)
     iterations = calls_for(call_s)
     rounds = max(settings.min_rounds, min(MAX_ROUNDS, int(settings.budget_s / max(call_s * iterations, 1e-9))))
-    rounds = int(world.max(rounds)[0])
+    return iterations, int(world.max(rounds)[0])
 
+
+def _cpu_round(fn, iterations: int, world: World):
     def one_round() -> float:
         world.barrier()
-        if on_gpu:
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            for _ in range(iterations):
-                fn()
-            end.record()
-            end.synchronize()
-            return begin.elapsed_time(end) * 1e-3 / iterations
         t0 = time.perf_counter()
-        for _ in range(iterations):
-            fn()
+        _repeat(fn, iterations)
         return (time.perf_counter() - t0) / iterations
+    return one_round
 
-    one_round()  # warm-up
-    mine = [one_round() for _ in range(rounds)]
-    slowest = world.max(*mine)  # round by round: every rank ran the same rounds in lockstep
-    timer = "cuda-event" if on_gpu else "cpu"
-    return Samples(mine, timer, iterations, "warm"), slowest
+
+def _graph_round(fn, iterations: int, world: World):
+    """The collective captured `iterations` times in one CUDA graph; a round is the barrier, a spin
+    of the same length on every rank, then the replay between events: NCCL's time with no dispatch.
+    A capture that fails on any rank skips the case on all. The capture is thread-local, so the
+    process group's watchdog querying its events from another thread cannot break it."""
+    launch, reason = None, None
+    try:
+        launch = graph_replay([fn], iterations, capture_error_mode="thread_local")
+    except RuntimeError as error:
+        reason = f"NCCL could not be captured in a CUDA graph here: {first_line(error)}"
+    _skip_on_all_ranks(world, reason)
+    spin = spinner(world.max(host_launch_s(launch))[0])  # the same spin everywhere keeps ranks together
+
+    def before() -> None:
+        world.barrier()
+        spin()
+    return event_round(launch, iterations, before)
 
 
 def summary_lines(timed: list[CollectiveCase], fits: list[Fit], world: str) -> list[str]:
@@ -202,14 +290,17 @@ def summary_lines(timed: list[CollectiveCase], fits: list[Fit], world: str) -> l
     rows = [("op", "size", "dtype", "median", "algbw GB/s", "busbw GB/s", "rank spread", "serves")]
     for r in timed:
         spread = r.rank_spread
-        rows.append((r.op, shape_id(CollectiveShape(**r.shape)), r.dtype, format_seconds(r.median_s),
+        rows.append((r.op + (" (graph)" if r.graph else ""), shape_id(CollectiveShape(**r.shape)), r.dtype,
+                     format_seconds(r.median_s),
                      f"{r.algbw_gbps:.4g}", f"{r.busbw_gbps:.4g}", f"{spread:.1%}" if spread is not None else "-",
                      roles_cell(r.roles, none="sweep")))
-    lines = [f"{world}; medians per call of the slowest rank, bandwidths as nccl-tests defines them",
-             *table_lines(rows)]
+    about = (f"{world}; medians per call of the slowest rank, bandwidths as nccl-tests defines them; "
+             "(graph): CUDA-graph replays, NCCL's time without dispatch")
+    lines = [about, *table_lines(rows)]
     lines.append("alpha-beta fits, t = alpha + busbw_factor x size / busbw:")
     for f in fits:
         busbw = f"busbw {f.busbw_gbps:.4g} GB/s" if f.busbw_gbps else "no bandwidth term"
-        lines.append(f"  {f.op} {f.dtype} {f.backend} n={f.world}: alpha {format_seconds(f.alpha_s)}, {busbw}, "
+        how = f"{f.backend} graph" if f.graph else f.backend
+        lines.append(f"  {f.op} {f.dtype} {how} n={f.world}: alpha {format_seconds(f.alpha_s)}, {busbw}, "
                      f"{f.points} sizes {f.min_bytes}-{f.max_bytes} B, worst residual {f.max_rel_residual:.0%}")
     return lines

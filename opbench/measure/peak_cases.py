@@ -22,7 +22,7 @@ from opbench.measure.runner import finish
 from opbench.ops.base import shape_dict
 from opbench.ops.gemm import GEMM, GemmShape, bytes_moved, flops
 from opbench.measure.timing import RunSettings, Samples, measure, measure_stream, take_rounds
-from opbench.record import PeakCase as Peak
+from opbench.record import Gate, PeakCase as Peak
 
 
 @dataclass(frozen=True)
@@ -102,17 +102,17 @@ def _skip_reason(case: PeakCase, device: str) -> str | None:
     return None
 
 
-def prepare(case: PeakCase, device: str) -> tuple[Callable[[], object], Callable[[], tuple]]:
-    """(the timed call, a check that returns (output, expected output) of one call on fresh data)."""
+def prepare(case: PeakCase, device: str) -> tuple[Callable[[], object], Callable[[], object], Callable[[], object]]:
+    """(the timed call, one call's output on fresh data, what that output should be)."""
     dtype = get_dtype(case.dtype)
     if case.kind == "matmul":
         inputs = GEMM.inputs(case.shape, dtype, "fwd", device)
         fn = GEMM.backends["torch"].prepare(inputs, dtype, "fwd")
-        return fn, lambda: (fn(), GEMM.reference(inputs, dtype, "fwd"))
+        return fn, fn, lambda: GEMM.reference(inputs, dtype, "fwd")
     if case.kind == "launch":
         x = torch.zeros(case.shape.elements, device=device)
         fn = lambda: x.add_(1)  # noqa: E731 - a kernel that does next to nothing
-        return fn, lambda: (x.zero_().add_(1), torch.ones_like(x))
+        return fn, lambda: x.zero_().add_(1), lambda: torch.ones_like(x)
     n = case.shape.size_bytes // dtype.bytes
     src_on, dst_on = {"copy": (device, device), "h2d": ("cpu", device), "d2h": (device, "cpu")}[case.kind]
     pinned = device == "cuda"  # host buffers of host-device copies are pinned, as fast transfers need
@@ -120,20 +120,34 @@ def prepare(case: PeakCase, device: str) -> tuple[Callable[[], object], Callable
     dst = torch.empty(n, dtype=dtype.torch, device=dst_on, pin_memory=pinned and dst_on == "cpu")
     fn = lambda: dst.copy_(src, non_blocking=True)  # noqa: E731
 
-    def outputs() -> tuple:
+    def output() -> torch.Tensor:
         fn()
         if device == "cuda":
             torch.cuda.synchronize()  # a non-blocking copy into host memory is not there before this
-        return dst, src.to(dst.device)
-    return fn, outputs
+        return dst
+    return fn, output, lambda: src.to(dst.device)
 
 
-def _time_launches(fn: Callable[[], object], settings: RunSettings) -> Samples:
+def gate(case: PeakCase, device: str) -> tuple[Callable[[], object], Gate]:
+    """The timed call and the gate's verdict on it. The output is computed in the case's math mode,
+    the reference with TF32 off: a tf32 reference would share the rounding it is there to catch.
+    Output and reference are dropped on return (the largest matmul's hold gigabytes)."""
+    dtype = get_dtype(case.dtype)
+    with dtype.math_mode():
+        fn, output, expected = prepare(case, device)
+        out = output()
+    with get_dtype("fp32").math_mode():
+        verdict = check(out, expected(), dtype.tol if case.kind == "matmul" else 0.0)
+    return fn, verdict
+
+
+def _time_launches(fn: Callable[[], object], settings: RunSettings, started: float) -> Samples:
     """Back-to-back launches on the host clock, with nothing (no CUDA graph) hiding their cost: per
     launch, the larger of the host's launch cost and the GPU's time per tiny kernel."""
     sync = torch.cuda.synchronize if settings.device == "cuda" else (lambda: None)
     fn()
     sync()
+    rounds_start = time.perf_counter()
 
     def one_round() -> float:
         start = time.perf_counter()
@@ -142,7 +156,8 @@ def _time_launches(fn: Callable[[], object], settings: RunSettings) -> Samples:
         sync()
         return (time.perf_counter() - start) / _LAUNCHES_PER_ROUND
     samples = take_rounds(one_round, settings.budget_s, settings.min_rounds, settings.ci_target)
-    return Samples(samples, "cpu" if settings.device == "cpu" else "host", _LAUNCHES_PER_ROUND, "warm")
+    return Samples(samples, "cpu" if settings.device == "cpu" else "host", _LAUNCHES_PER_ROUND, "warm",
+                   setup_s=rounds_start - started, timing_s=time.perf_counter() - rounds_start)
 
 
 def work(case: PeakCase) -> tuple[int, int]:
@@ -157,6 +172,7 @@ def work(case: PeakCase) -> tuple[int, int]:
 
 def run_peak(benchmark, case: PeakCase, settings: RunSettings) -> Peak:
     """A peak case: the same record, gate and timing as the plan's cases."""
+    started = time.perf_counter()
     device = settings.device
     case_flops, case_bytes = work(case)
     record = Peak(op=case.op, backend="torch", dtype=case.dtype, shape=shape_dict(case.shape), flops=case_flops,
@@ -165,22 +181,16 @@ def run_peak(benchmark, case: PeakCase, settings: RunSettings) -> Peak:
     reason = _skip_reason(case, device)
     if reason:
         pytest.skip(reason)
-    dtype = get_dtype(case.dtype)
     torch.manual_seed(0)
     with measure_stream(device):
-        with dtype.math_mode():
-            fn, outputs = prepare(case, device)
-            out, expected = outputs()
-        with get_dtype("fp32").math_mode():
-            verdict = check(out, expected, dtype.tol if case.kind == "matmul" else 0.0)
+        fn, verdict = gate(case, device)
         record = replace(record, correct=verdict)
-        del out, expected  # the largest matmul's output and reference would hold gigabytes during timing
         fail_unless_passed(verdict)
-        with dtype.math_mode():
+        with get_dtype(case.dtype).math_mode():
             if not benchmark.enabled:
                 samples = None
             elif case.kind == "launch":
-                samples = _time_launches(fn, settings)
+                samples = _time_launches(fn, settings, started)
             else:  # a ceiling is the best the card does: warm caches, no energy reading
-                samples = measure([fn], replace(settings, l2="warm", energy=False))
+                samples = measure([fn], replace(settings, l2="warm", energy=False), started=started)
     return finish(benchmark, record, samples, settings)

@@ -17,6 +17,8 @@ from opbench import __version__
 from opbench.measure.cases import build_cases
 from opbench.dist.world import is_reporting_rank
 from opbench.measure.bench_adapter import silence_rank
+from opbench.measure.caches import use_persistent_caches
+from opbench.measure.cost import Spent
 from opbench.measure.runner import run_case
 from opbench.measure.hardware import energy_unavailable, gpu_info, software_versions, stable_facts, torch_gpu_name
 from opbench.ops.backends import describe_patterns, unknown_patterns
@@ -41,6 +43,7 @@ class State:
     settings: RunSettings
     timed: list[OpCase] = field(default_factory=list)
     units: list[UnitRecord] = field(default_factory=list)
+    spent: Spent = field(default_factory=Spent)  # setup and timing of every case, all kinds
     _composition: dict | None = None
 
     def composition(self) -> dict:
@@ -104,6 +107,7 @@ def _resolve_device(choice: str) -> str:
 
 
 def pytest_configure(config):
+    use_persistent_caches()  # before anything compiles
     opt = config.option
     device = _resolve_device(opt.device)
     try:
@@ -157,6 +161,18 @@ def pytest_generate_tests(metafunc):
     if extra is not None:
         cases += extra(selection)
     metafunc.parametrize("case", cases, ids=[c.id for c in cases])
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """Every kind of case (ops, peaks, units, collectives) adds its record's setup and timing time."""
+    try:
+        return (yield)
+    finally:
+        benchmark = getattr(item, "funcargs", {}).get("benchmark")
+        if STATE in item.config.stash and benchmark is not None:
+            info = benchmark.extra_info
+            state(item.config).spent.add(info.get("setup_s"), info.get("timing_s"))
 
 
 def run_settings(config) -> RunSettings:
@@ -226,6 +242,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         "device": run_state.settings.device,
         "settings": asdict(run_state.settings),
         "plans": [p.to_dict() for p in run_state.selection.plans],
+        "spent": asdict(run_state.spent),
         **run_state.composition(),
     }
     add_roofline(output_json)  # peaks may run before or after the cases they bound
@@ -236,6 +253,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if STATE not in config.stash or not is_reporting_rank():
         return
     run_state = config.stash[STATE]
+    if run_state.spent.cases:
+        terminalreporter.write_line(f"opbench: {run_state.spent.line()}")
     if not run_state.timed:
         return
     terminalreporter.section("opbench summary")

@@ -9,6 +9,7 @@ modules and end the same way.
 from __future__ import annotations
 
 import dataclasses
+import time
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -46,17 +47,20 @@ def finish(benchmark, record: Record, samples: Samples | None, settings: RunSett
         record = dataclasses.replace(
             record, timer=samples.timer, unroll=samples.unroll, l2=samples.l2,
             working_set_bytes=samples.working_set_bytes, host_s=samples.host_s, median_s=stability.median_s,
-            stability=stability, gpu=samples.gpu, host=samples.host, energy=samples.energy)
+            stability=stability, gpu=samples.gpu, host=samples.host, energy=samples.energy,
+            setup_s=samples.setup_s, timing_s=samples.timing_s)
         record_samples(benchmark, samples.per_call_s)
     benchmark.extra_info.update(record.to_info())
     return record
 
 
-def timed(calls: list[Callable[[], Any]], settings: RunSettings, benchmark, footprint_bytes: int = 0) -> Samples | None:
-    """The samples of a case, or None where pytest-benchmark is disabled (the gate alone ran)."""
+def timed(calls: list[Callable[[], Any]], settings: RunSettings, benchmark, footprint_bytes: int = 0,
+          started: float | None = None) -> Samples | None:
+    """The samples of a case, or None where pytest-benchmark is disabled (the gate alone ran).
+    `started`: the case's start (time.perf_counter), from which its setup time is counted."""
     if not benchmark.enabled:
         return None
-    return measure(calls, settings, footprint_bytes=footprint_bytes)
+    return measure(calls, settings, footprint_bytes=footprint_bytes, started=started)
 
 
 def cache_bytes(device: str) -> int:
@@ -74,6 +78,7 @@ def skip_oom(error: BaseException, device: str) -> None:
 
 def run_case(benchmark, case: Case, settings: RunSettings):
     """An op case: its backend's availability, the gate on fresh inputs, timing over input copies."""
+    started = time.perf_counter()
     family = get_family(case.op)
     backend = family.backends[case.backend]
     dtype = get_dtype(case.dtype)
@@ -103,7 +108,7 @@ def run_case(benchmark, case: Case, settings: RunSettings):
                 for _ in range(copies_for(nbytes, cache_bytes(settings.device), settings.l2) - 1):
                     calls.append(backend.prepare(family.inputs(case.shape, dtype, case.pass_, settings.device),
                                                  dtype, case.pass_))
-                samples = timed(calls, settings, benchmark, nbytes)
+                samples = timed(calls, settings, benchmark, nbytes, started)
     except Exception as error:  # pytest's skip and fail are not Exceptions: they pass through
         skip_oom(error, settings.device)
     return finish(benchmark, record, samples, settings)

@@ -4,23 +4,28 @@ The suite times on its own clock and hands pytest-benchmark the samples (bench_a
 statistic in the JSON is this module's measurement:
 
 - CUDA: each round is a CUDA-graph replay of `unroll` calls (or, where a call cannot be captured,
-  the same calls launched eagerly), between two CUDA events. The start event is queued behind a
-  short spin kernel, so the GPU is still busy when the host launches the replay and no host gap
-  falls inside the interval. L2 modes: `rotate` (default) cycles through copies of the inputs whose
-  working set exceeds twice the L2, as a model whose every layer has its own weights; `warm`
-  replays the same buffers; `flush` reads a buffer of twice the L2 before each call (a read leaves
-  no dirty lines for the timed call to write back), the call's start event queued right behind it.
+  the same calls launched one by one, labelled `cuda-event`), between two CUDA events. A spin
+  kernel is queued before the start event, long enough for the host to queue what follows, so the
+  GPU is still busy when the replay is launched and no host gap falls inside the interval. The
+  capture runs on the stream the case prepared its inputs on (measure_stream), so a backward is
+  captured with its forward's streams. L2 modes: `rotate` (default) cycles through copies of the
+  inputs whose working set exceeds twice the L2, as a model whose every layer has its own weights;
+  `warm` replays the same buffers; `flush` reads a buffer of twice the L2 before each call (a read
+  leaves no dirty lines for the timed call to write back), the start event queued right behind it.
 - CPU: each round is `unroll` calls between two time.perf_counter readings; the machine's load is
   recorded and a busy one flagged.
 
 Rounds go on until the median's 95% confidence half-width is within the target (0.5%, after
-nvbench's relative-noise rule), or the case's time budget is spent.
+nvbench's relative-noise rule), or the case's time budget is spent. What a case spends before its
+first timed round (compilation, autotuning, the gate, input copies, capture) is its `setup_s`,
+the rounds and the energy window its `timing_s`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -35,8 +40,12 @@ MAX_COPIES = 256  # input copies a rotation cycles through, at most
 MAX_ROUNDS = 10_000
 CI_TARGET = 0.005  # stop once the median's 95% confidence half-width is within 0.5% of it
 STABLE_CI = 0.01  # a case whose half-width ends above 1% is marked unstable
-SPIN_S = 50e-6  # spin kernel before each timed replay: longer than the host's launch latency
+SPIN_S = 50e-6  # shortest spin before a timed round: several times a graph launch's host cost
+MAX_SPIN_S = 10e-3  # longest: an eager round whose launches take longer has host gaps inside it
+HOST_TIME_S = 0.05  # eager calls timed for host_s, at most about this long
 ENERGY_WINDOW_S = 1.0  # NVML's energy counter moves in steps of milliseconds: read it over a second
+ENERGY_EXTENSIONS = 8  # a window that falls short is extended at most this many times
+ENERGY_SCOPE = "whole board (NVML total energy counter): idle, memory and fan power included"
 L2_MODES = ("rotate", "warm", "flush")
 
 
@@ -67,6 +76,8 @@ class Samples:
     gpu: GpuState | None = None
     host: HostLoad | None = None
     energy: Energy | None = None
+    setup_s: float | None = None  # from the case's start to its first timed round
+    timing_s: float | None = None  # the timed rounds and the energy window
 
 
 def calls_for(call_s: float) -> int:
@@ -81,6 +92,13 @@ def copies_for(footprint_bytes: int, cache_bytes: int, l2: str) -> int:
     if l2 != "rotate" or footprint_bytes <= 0 or cache_bytes <= 0:
         return 1
     return max(1, min(MAX_COPIES, math.ceil(2 * cache_bytes / footprint_bytes)))
+
+
+def rotation_unroll(call_s: float, copies: int) -> int:
+    """Calls per timed replay: about REPLAY_TARGET_S of work, in whole passes over the input copies.
+    A whole pass ends each replay on the last copy, so the next one starts on the copy used longest
+    ago, as every call of the rotation does."""
+    return max(1, calls_for(call_s) // copies) * copies
 
 
 def take_rounds(one_round: Callable[[], float], budget_s: float, min_rounds: int, ci_target: float,
@@ -104,24 +122,26 @@ def take_rounds(one_round: Callable[[], float], budget_s: float, min_rounds: int
     return samples
 
 
-def measure(calls: Sequence[Callable[[], Any]], settings: RunSettings, *, footprint_bytes: int = 0) -> Samples:
+def measure(calls: Sequence[Callable[[], Any]], settings: RunSettings, *, footprint_bytes: int = 0,
+            started: float | None = None) -> Samples:
     """Time a case. `calls` run the same work on distinct copies of its inputs (one copy unless the
-    L2 mode rotates); footprint_bytes is what one call touches."""
+    L2 mode rotates); footprint_bytes is what one call touches; `started` is the time.perf_counter
+    reading at the case's start (default: now), from which its setup time is counted."""
+    started = time.perf_counter() if started is None else started
     if settings.device == "cuda":
-        return _measure_cuda(list(calls), settings, footprint_bytes)
-    return _measure_cpu(list(calls), settings, footprint_bytes)
+        return _measure_cuda(list(calls), settings, footprint_bytes, started)
+    return _measure_cpu(list(calls), settings, footprint_bytes, started)
 
 
 # CPU -------------------------------------------------------------------------------------------------
 
-def _measure_cpu(calls: list, settings: RunSettings, footprint_bytes: int) -> Samples:
+def _measure_cpu(calls: list, settings: RunSettings, footprint_bytes: int, started: float) -> Samples:
     for fn in calls:
         fn()
     start = time.perf_counter()
     for i in range(3):
         calls[i % len(calls)]()
-    unroll = max(calls_for((time.perf_counter() - start) / 3), len(calls) if len(calls) > 1 else 1)
-    unroll = min(unroll, max(MAX_UNROLL, len(calls)))
+    unroll = rotation_unroll((time.perf_counter() - start) / 3, len(calls))
 
     def one_round() -> float:
         t0 = time.perf_counter()
@@ -129,12 +149,21 @@ def _measure_cpu(calls: list, settings: RunSettings, footprint_bytes: int) -> Sa
             calls[i % len(calls)]()
         return (time.perf_counter() - t0) / unroll
 
+    rounds_start = time.perf_counter()
     with HostWatch() as watch:
         samples = take_rounds(one_round, settings.budget_s, settings.min_rounds, settings.ci_target)
-    return Samples(samples, "cpu", unroll, settings.l2, footprint_bytes * len(calls) or None, host=watch.load)
+    return Samples(samples, "cpu", unroll, settings.l2, footprint_bytes * len(calls) or None, host=watch.load,
+                   setup_s=rounds_start - started, timing_s=time.perf_counter() - rounds_start)
 
 
 # CUDA ------------------------------------------------------------------------------------------------
+
+def torch_cuda():
+    """torch.cuda, looked up at each use so that tests can stand a fake in for it."""
+    import torch
+
+    return torch.cuda
+
 
 @contextlib.contextmanager
 def measure_stream(device: str) -> Iterator[None]:
@@ -144,49 +173,91 @@ def measure_stream(device: str) -> Iterator[None]:
     if device != "cuda":
         yield
         return
-    import torch
-
-    previous = torch.cuda.current_stream()
-    stream = torch.cuda.Stream()
+    cuda = torch_cuda()
+    previous = cuda.current_stream()
+    stream = cuda.Stream()
     stream.wait_stream(previous)
     try:
-        with torch.cuda.stream(stream):
+        with cuda.stream(stream):
             yield
     finally:
-        torch.cuda.set_stream(previous)
+        cuda.set_stream(previous)
         with contextlib.suppress(RuntimeError):  # a failed capture may have left the stream in error
             previous.wait_stream(stream)
 
 
-def graph_replay(calls: list, unroll: int) -> Callable[[], None]:
-    """Capture `unroll` calls, cycling through `calls`, in one CUDA graph on the current stream."""
-    import torch
+def graph_replay(calls: list, unroll: int, capture_error_mode: str = "global") -> Callable[[], None]:
+    """Capture `unroll` calls, cycling through `calls`, in one CUDA graph; returns its replay.
 
-    stream = torch.cuda.current_stream()
-    graph = torch.cuda.CUDAGraph()
+    The capture runs on the current stream: the one the case prepared its inputs and ran its forward
+    on (measure_stream), since autograd runs a backward kernel on its forward's stream and only the
+    capturing stream's work is captured. Error or not, the stream current before is current again:
+    when a capture fails, torch.cuda.graph raises from its exit before restoring the stream."""
+    cuda = torch_cuda()
+    previous = cuda.current_stream()
+    stream = previous
+    if stream == cuda.default_stream():  # the legacy default stream cannot be captured
+        stream = cuda.Stream()
+        stream.wait_stream(previous)
+    graph = cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph, stream=stream):
+        with cuda.graph(graph, stream=stream, capture_error_mode=capture_error_mode):
             for i in range(unroll):
                 calls[i % len(calls)]()
     finally:
-        torch.cuda.set_stream(stream)  # torch.cuda.graph switches streams; a failed capture must not leave us there
-    stream.synchronize()
+        cuda.set_stream(previous)
     return graph.replay
 
 
-def _spin_cycles() -> int:
-    import torch
+def timed_launch(calls: list, unroll: int, capture_error_mode: str = "global") -> tuple[Callable[[], None], str]:
+    """(the timed work of one round, its timer): a CUDA graph of `unroll` calls, or where they cannot
+    be captured (a host sync, an allocation the graph pool refuses) the same calls launched one by one."""
+    try:
+        return graph_replay(calls, unroll, capture_error_mode), "cuda-graph"
+    except RuntimeError:  # torch's CUDA errors (AcceleratorError, OutOfMemoryError) are RuntimeErrors
+        torch_cuda().synchronize()
 
-    rate_khz = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "clock_rate", 0) or 2_000_000
-    return int(SPIN_S * rate_khz * 1e3)
+        def launch() -> None:
+            for i in range(unroll):
+                calls[i % len(calls)]()
+        return launch, "cuda-event"
 
 
-def _event_round(launch: Callable[[], None], calls_per_round: int, before: Callable[[], None]) -> Callable[[], float]:
-    """A round: `before` (the spin, or the L2 flush), then start event, launch, end event."""
-    import torch
+def spin_s(launch_host_s: float) -> float:
+    """How long the GPU spins before the start event: twice what the host takes to issue the timed
+    work, so the start event is reached only once that work is queued behind it."""
+    return min(MAX_SPIN_S, max(SPIN_S, 2 * launch_host_s))
+
+
+def spinner(launch_host_s: float) -> Callable[[], None]:
+    """The spin kernel (torch.cuda._sleep) sized for work whose launch takes launch_host_s."""
+    cuda = torch_cuda()
+    rate_khz = getattr(cuda.get_device_properties(cuda.current_device()), "clock_rate", 0) or 2_000_000
+    cycles = int(spin_s(launch_host_s) * rate_khz * 1e3)
+    return lambda: cuda._sleep(cycles)
+
+
+def host_launch_s(launch: Callable[[], None], tries: int = 2) -> float:
+    """Host time to issue `launch` on an idle GPU, nothing waited for: the best of a few tries (the
+    first replay of a graph also uploads it)."""
+    cuda = torch_cuda()
+    best = math.inf
+    for _ in range(tries):
+        cuda.synchronize()
+        t0 = time.perf_counter()
+        launch()
+        best = min(best, time.perf_counter() - t0)
+    cuda.synchronize()
+    return best
+
+
+def event_round(launch: Callable[[], None], calls_per_round: int, before: Callable[[], None]) -> Callable[[], float]:
+    """A round: `before` (the spin, and the flush in flush mode), then the start event, the launch,
+    the end event; returns device seconds per call between the events."""
+    cuda = torch_cuda()
+    start, end = cuda.Event(enable_timing=True), cuda.Event(enable_timing=True)
 
     def one_round() -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         before()
         start.record()
         launch()
@@ -198,85 +269,126 @@ def _event_round(launch: Callable[[], None], calls_per_round: int, before: Calla
 
 def host_time(calls: list, n: int = 20) -> float:
     """Eager wall time per call, launches included: what an eager framework pays."""
-    import torch
-
-    torch.cuda.synchronize()
+    cuda = torch_cuda()
+    cuda.synchronize()
     start = time.perf_counter()
     for i in range(n):
         calls[i % len(calls)]()
-    torch.cuda.synchronize()
+    cuda.synchronize()
     return (time.perf_counter() - start) / n
 
 
-def l2_bytes() -> int:
-    import torch
+def _warm_up(calls: list) -> float:
+    """Each copy once (lazy initialisation, compilation and autotuning happen here, untimed); returns
+    the wall time per call."""
+    cuda = torch_cuda()
+    cuda.synchronize()
+    start = time.perf_counter()
+    for fn in calls:
+        fn()
+    cuda.synchronize()
+    return (time.perf_counter() - start) / len(calls)
 
-    return getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0) or 64 * 2**20
+
+def host_calls(call_wall_s: float) -> int:
+    """Calls host_time makes: 20, fewer for calls so long that 20 would outlast HOST_TIME_S."""
+    return max(1, min(20, int(HOST_TIME_S / max(call_wall_s, 1e-9))))
+
+
+def l2_bytes() -> int:
+    cuda = torch_cuda()
+    return getattr(cuda.get_device_properties(cuda.current_device()), "L2_cache_size", 0) or 64 * 2**20
+
+
+class L2Flush:
+    """Evicts the L2 by reading (not writing) a buffer twice its size: the lines the last call left
+    dirty are written back during the flush, and the flush leaves none but its one scalar output's."""
+
+    def __init__(self, cache_bytes: int, device: str = "cuda"):
+        import torch
+
+        self.buf = torch.ones(2 * cache_bytes // 4, dtype=torch.float32, device=device)
+        self.out = torch.empty((), dtype=torch.float32, device=device)
+
+    def __call__(self) -> None:
+        import torch
+
+        torch.sum(self.buf, dim=0, out=self.out)
 
 
 def l2_flusher() -> Callable[[], None]:
-    """Evicts the L2 by reading (not writing) a buffer twice its size: no dirty line is left for the
-    timed call to write back."""
-    import torch
-
-    buf = torch.ones(2 * l2_bytes() // 4, dtype=torch.float32, device="cuda")
-    out = torch.empty((), dtype=torch.float32, device="cuda")
-    return lambda: torch.sum(buf, out=out)
+    return L2Flush(l2_bytes())
 
 
-def _measure_cuda(calls: list, settings: RunSettings, footprint_bytes: int) -> Samples:
-    import torch
+def _probe_call_s(calls: list, host_s: float) -> float:
+    """Device seconds per call of a few calls launched one by one behind a spin: what sets the calls
+    per replay. One call is enough where a call outlasts a replay's target."""
+    n = 1 if host_s >= REPLAY_TARGET_S else 3
 
-    for fn in calls:
-        fn()
-    host_s = host_time(calls)  # also the warm-up
-    probe = _event_round(lambda: [calls[i % len(calls)]() for i in range(3)], 3, lambda: None)
-    call_s = min(probe() for _ in range(3))
-    spin_cycles = _spin_cycles()
+    def launch() -> None:
+        for i in range(n):
+            calls[i % len(calls)]()
+    probe = event_round(launch, n, spinner(n * host_s))
+    return min(probe() for _ in range(2))
 
-    def spin() -> None:
-        torch.cuda._sleep(spin_cycles)
 
-    if settings.l2 == "flush":
-        flush = l2_flusher()
-        timer, unroll, launch, before = "cuda-event", 1, calls[0], flush
-    else:
-        unroll = min(max(calls_for(call_s), len(calls)), max(MAX_UNROLL, len(calls)))
-        try:
-            launch, timer = graph_replay(calls, unroll), "cuda-graph"
-        except RuntimeError:  # not capturable (host syncs, dynamic allocation): time plain launches
-            torch.cuda.synchronize()
+def _before_round(launch: Callable[[], None], flush: bool) -> Callable[[], None]:
+    """What precedes the start event: the spin, and in flush mode the L2 flush after it (the spin
+    then also covers the flush's launch)."""
+    if not flush:
+        return spinner(host_launch_s(launch))
+    flush_l2 = l2_flusher()
+    spin = spinner(host_launch_s(lambda: (flush_l2(), launch())))
 
-            def launch() -> None:
-                for i in range(unroll):
-                    calls[i % len(calls)]()
-            timer = "cuda-event"
-        before = spin
-    one_round = _event_round(launch, unroll, before)
-    one_round()  # a replay to warm the graph
+    def spin_then_flush() -> None:
+        spin()
+        flush_l2()
+    return spin_then_flush
+
+
+def _measure_cuda(calls: list, settings: RunSettings, footprint_bytes: int, started: float) -> Samples:
+    host_s = host_time(calls, host_calls(_warm_up(calls)))
+    flush = settings.l2 == "flush"
+    unroll = 1 if flush else rotation_unroll(_probe_call_s(calls, host_s), len(calls))
+    launch, timer = timed_launch(calls, unroll)
+    one_round = event_round(launch, unroll, _before_round(launch, flush))  # its launches warm the graph
+    rounds_start = time.perf_counter()
     with gpu_watch() as watch:
         samples = take_rounds(one_round, settings.budget_s, settings.min_rounds, settings.ci_target)
     energy = None
-    if settings.energy:
-        energy = energy_per_call(launch, unroll, sorted(samples)[len(samples) // 2] * unroll)
-    working_set = footprint_bytes * min(len(calls), unroll) if footprint_bytes else None
-    return Samples(samples, timer, unroll, settings.l2, working_set, host_s, watch.state, None, energy)
+    if settings.energy:  # flush mode replays without its flushes here: their joules are not the call's
+        energy = energy_per_call(launch, unroll, statistics.median(samples) * unroll)
+    working_set = footprint_bytes * len(calls) if footprint_bytes else None
+    return Samples(samples, timer, unroll, settings.l2, working_set, host_s, watch.state, None, energy,
+                   setup_s=rounds_start - started, timing_s=time.perf_counter() - rounds_start)
 
 
-def energy_per_call(launch: Callable[[], None], calls: int, replay_s: float) -> Energy | None:
-    """Joules per call from NVML's energy counter around back-to-back replays filling the window,
-    the window sized from the replay's device time."""
-    meter = energy_meter()
+def energy_per_call(launch: Callable[[], None], calls: int, replay_s: float, *,
+                    meter: Callable[[], float] | None = None,
+                    clock: Callable[[], float] = time.perf_counter) -> Energy | None:
+    """Joules per call from NVML's energy counter around back-to-back replays lasting at least
+    ENERGY_WINDOW_S by the wall clock.
+
+    The replays are sized from the replay's measured device time (replay_s); where the window still
+    falls short (the rounds' median overstated the replay, as after a clock boost), more replays
+    extend it, sized from the pace of the first ones, so the counter's millisecond steps stay small
+    against the window."""
+    meter = meter or energy_meter()
     if meter is None:
         return None
-    import torch
-
+    cuda = torch_cuda()
     replays = max(1, math.ceil(ENERGY_WINDOW_S / max(replay_s, 1e-9)))
-    torch.cuda.synchronize()
-    start_j, start_s = meter(), time.perf_counter()
-    for _ in range(replays):
-        launch()
-    torch.cuda.synchronize()
-    return Energy((meter() - start_j) / (replays * calls), time.perf_counter() - start_s)
-
-
+    done = 0
+    cuda.synchronize()
+    start_j, start_s = meter(), clock()
+    for _ in range(1 + ENERGY_EXTENSIONS):
+        for _ in range(replays):
+            launch()
+        done += replays
+        cuda.synchronize()
+        window_s = clock() - start_s
+        if window_s >= ENERGY_WINDOW_S or window_s <= 0:  # done, or a clock that cannot pace an extension
+            break
+        pace_s = window_s / done
+        replays = min(10 * done, max(1, math.ceil(1.1 * (ENERGY_WINDOW_S - window_s) / pace_s)))
+    return Energy((meter() - start_j) / (done * calls), window_s, ENERGY_SCOPE)

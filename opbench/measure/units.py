@@ -4,6 +4,7 @@ so that composition can be checked against it."""
 from __future__ import annotations
 
 import copy
+import time
 import zlib
 from dataclasses import dataclass, replace
 
@@ -98,6 +99,7 @@ def _build(case: UnitCase, dtype: torch.dtype, device: str):
 
 
 def run_unit_case(benchmark, case: UnitCase, settings: RunSettings) -> Unit:
+    started = time.perf_counter()
     w = case.plan.workload
     dtype = get_dtype(w.dtype)
     record = Unit(unit=case.unit, plan=case.plan.name, dtype=w.dtype, pass_="fwd+bwd" if w.training else "fwd")
@@ -115,7 +117,7 @@ def run_unit_case(benchmark, case: UnitCase, settings: RunSettings) -> Unit:
         record = replace(record, correct=verdict)
         fail_unless_passed(verdict)
         # one copy: a unit's weights are its own, and the whole layer's working set is what it is
-        samples = timed([run], replace(settings.for_units(), l2="warm"), benchmark)
+        samples = timed([run], replace(settings.for_units(), l2="warm"), benchmark, started=started)
     return finish(benchmark, record, samples, settings)
 
 

@@ -28,7 +28,15 @@ import torch.nn.functional as F
 from torch.torch_version import TorchVersion
 
 from opbench.ops.dtypes import DType
-from opbench.ops.base import OpFamily, all_of, high_precision, installed, needs_cuda, needs_triton_gpu
+from opbench.ops.base import (
+    OpFamily,
+    all_of,
+    allow_recompiles,
+    high_precision,
+    installed,
+    needs_cuda,
+    needs_triton_gpu,
+)
 
 
 @dataclass(frozen=True)
@@ -377,13 +385,11 @@ def sdpa_cudnn(inp: dict, dtype: DType, pass_: str):
 
 @functools.cache
 def _compiled_flex() -> Callable:
-    import torch._dynamo
     from torch.nn.attention.flex_attention import flex_attention
 
     # Every case is a new static shape, hence a recompile: allow one per case instead of falling back
     # to the (slow, unfused) eager flex_attention after dynamo's default handful.
-    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 1024))
+    allow_recompiles()
     return torch.compile(flex_attention, dynamic=False)
 
 

@@ -102,6 +102,24 @@ def needs_compile_gpu(shape, dtype: DType, device: str) -> str | None:
     return None
 
 
+# torch.compile ------------------------------------------------------------------------------------------
+
+# Compiles dynamo keeps per function: each case compiles its function at a new static shape, so a run
+# needs about one per case of the op (the full profile: a few hundred).
+RECOMPILE_LIMIT = 1024
+
+
+def allow_recompiles() -> None:
+    """Raise dynamo's limits on recompiles of one function (default 8) to RECOMPILE_LIMIT: past them
+    dynamo silently runs the function eagerly, and a "compile" case would time eager torch."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "accumulated_recompile_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+
+
 def installed(module: str, package: str, what: str = "") -> Requires:
     """Requires that `module` imports; the reason names the package to install (and what of it)."""
     def requires(shape, dtype: DType, device: str) -> str | None:

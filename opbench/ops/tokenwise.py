@@ -5,13 +5,14 @@ through autograd, the reference of a formula in high precision, torch.compile fo
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from opbench.ops.base import high_precision, needs_compile_gpu
+from opbench.ops.base import RECOMPILE_LIMIT, allow_recompiles, high_precision, needs_compile_gpu
 
 
 @dataclass(frozen=True)
@@ -83,10 +84,20 @@ def reference(formula: Callable[..., Any], grads: Grads) -> Callable[[dict, Any,
     return ref
 
 
+_COMPILES: Counter = Counter()  # cases compiled per function since dynamo's caches were last reset
+
+
 def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """torch.compile of fn for one case. Dynamo's caches are reset first: across the many shapes of a
-    run, one function would otherwise reach the recompile limit and silently run eagerly."""
-    torch._dynamo.reset()
+    """torch.compile of fn for one case, at the case's static shapes. What earlier cases compiled is
+    kept (dynamo's limits are raised to RECOMPILE_LIMIT): other functions' code, FlexAttention's
+    among them, and fn's own at other shapes and passes, which a later case at the same shape and
+    pass reuses. Only when fn nears the limit are dynamo's caches reset, since past it dynamo would
+    run fn eagerly; the cases after a reset recompile from inductor's FX graph cache."""
+    allow_recompiles()
+    if _COMPILES[fn] >= RECOMPILE_LIMIT - 8:  # a case may add a few entries (forward, backward)
+        torch._dynamo.reset()
+        _COMPILES.clear()
+    _COMPILES[fn] += 1
     return torch.compile(fn, dynamic=False)
 
 
