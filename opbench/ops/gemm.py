@@ -77,7 +77,7 @@ def torch_matmul(inp: dict, dtype: DType, pass_: str):
     return lambda: torch.matmul(a, b)
 
 
-@GEMM.backend("triton", impl="kernels/matmul.py, autotuned per (M, N, K)",
+@GEMM.backend("triton", impl="kernels/matmul.py, autotuned per (M, N, K, layouts, precision); split-K at M <= 64",
               requires=all_of(needs_triton_gpu, fp8_needs_sm89))
 def triton_matmul(inp: dict, dtype: DType, pass_: str):
     from opbench.kernels.matmul import matmul
