@@ -16,6 +16,7 @@ import torch
 from opbench.ops.dtypes import DTYPES
 from opbench.ops.gemm import GEMM, GemmShape, bytes_moved, flops, inputs
 from opbench.measure.timing import check
+from tests.helpers import twin_autotuner
 
 
 def test_flops_and_bytes_by_hand():
@@ -99,33 +100,16 @@ def test_decode_matmul_splits_k(m, n, k, pass_, dtype):
     assert verdict.passed, verdict
 
 
-# Autotuning under the interpreter: a twin of each of the module's autotuners whose clock runs every
-# config once, as a benchmark would, and finds each faster than the one before, so that the last config
-# left after pruning is kept -----------------------------------------------------------------------------
-
-def _twin(tuned):
-    import itertools
-
-    import triton
-
-    times = itertools.count(1000.0, -1.0)
-
-    def clock(kernel_call, quantiles):
-        kernel_call()
-        return [next(times)] * 3
-
-    return triton.autotune(configs=tuned.configs, key=tuned.keys, reset_to_zero=tuned.reset_to_zero,
-                           prune_configs_by={"early_config_prune": tuned.early_config_prune},
-                           do_bench=clock)(tuned.fn)
-
+# Autotuning under the interpreter, on twins of the module's autotuners (tests/helpers.py) -------------
 
 @pytest.fixture
 def tunings(monkeypatch):
     """The keys each autotuner of the matmul wrapper tuned for, in order, on the tuned path under the
-    interpreter. (Triton's autotune listener cannot serve: it fails on interpreted kernels.)"""
+    interpreter."""
     import opbench.kernels.matmul as mm
 
-    twins = {"_matmul_kernel": _twin(mm._matmul_tuned), "_matmul_splitk_kernel": _twin(mm._splitk_tuned)}
+    twins = {"_matmul_kernel": twin_autotuner(mm._matmul_tuned),
+             "_matmul_splitk_kernel": twin_autotuner(mm._splitk_tuned)}
     monkeypatch.setattr(mm, "_matmul_tuned", twins["_matmul_kernel"])
     monkeypatch.setattr(mm, "_splitk_tuned", twins["_matmul_splitk_kernel"])
     monkeypatch.setattr(mm, "_interpreted", lambda: False)
