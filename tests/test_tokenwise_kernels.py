@@ -181,6 +181,68 @@ def test_cross_entropy(rows, vocab, dtype):
     _assert_matches(buffer, "cross_entropy", inp, dtype, "bwd")
 
 
+@pytest.mark.parametrize("dtype", TOLERANCE)
+@pytest.mark.parametrize("rows, vocab, ignore_index", [(7, 999, -100), (13, 1000, -100), (9, 999, 0)])
+def test_cross_entropy_ignore_index_matches_torch(rows, vocab, ignore_index, dtype):
+    """Against torch.nn.functional.cross_entropy in float64: per row, the mean over the rows not
+    ignored, and the gradient; ignored rows give exactly zero loss and gradient. ignore_index 0 is
+    a column of the row, ignored all the same, as torch does."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(rows)
+    logits = (4 * torch.randn(rows, vocab, device=DEVICE)).to(get_dtype(dtype).torch)
+    targets = torch.randint(0, vocab, (rows,), device=DEVICE)
+    targets[[0, rows - 1]] = torch.tensor([vocab - 1, 0 if ignore_index else 1])  # the row's two ends
+    ignored = torch.zeros(rows, dtype=torch.bool, device=DEVICE)
+    ignored[[1, 4, rows - 2]] = True
+    targets[ignored] = ignore_index
+    loss, lse = cross_entropy(logits, targets, ignore_index=ignore_index)
+
+    leaf = logits.cpu().double().requires_grad_()
+    want = F.cross_entropy(leaf, targets.cpu(), ignore_index=ignore_index, reduction="none")
+    tol = TOLERANCE[dtype]
+    assert check(loss, want.detach(), tol).passed
+    assert (loss[ignored] == 0).all()
+    counted = (targets != ignore_index).sum()
+    mean = F.cross_entropy(logits.cpu().double(), targets.cpu(), ignore_index=ignore_index)
+    assert check(loss.sum() / counted, mean, tol).passed
+
+    dloss = torch.randn(rows, device=DEVICE)
+    (want_grad,) = torch.autograd.grad(want, leaf, dloss.cpu().double())
+    for inplace in (False, True):
+        dlogits = cross_entropy_backward(dloss, logits.clone(), targets, lse, inplace=inplace,
+                                         ignore_index=ignore_index)
+        assert check(dlogits, want_grad, tol).passed
+        assert (dlogits[ignored] == 0).all()
+
+
+def test_cross_entropy_rejects_targets_out_of_range(monkeypatch):
+    """On the CPU before the launch; past that check (as on a GPU, where it would synchronise), the
+    kernels read nothing outside the row and give that row a NaN loss and NaN gradients."""
+    import opbench.kernels.cross_entropy as ce
+
+    logits, dloss = torch.randn(5, 999, device=DEVICE), torch.randn(5, device=DEVICE)
+    fine = torch.randint(0, 999, (5,), device=DEVICE)
+    _, lse = cross_entropy(logits, fine)
+    for bad in (999, -1, -101, 2**40):
+        targets = fine.clone()
+        targets[2] = bad
+        if DEVICE == "cpu":
+            with pytest.raises(ValueError, match=f"row 2 has {bad}"):
+                cross_entropy(logits, targets)
+            with pytest.raises(ValueError, match=r"\[0, 999\) or ignore_index \(-100\)"):
+                cross_entropy_backward(dloss, logits, targets, lse)
+        monkeypatch.setattr(ce, "_check_targets", lambda *args: None)
+        loss, _ = cross_entropy(logits, targets)
+        dlogits = cross_entropy_backward(dloss, logits, targets, lse)
+        monkeypatch.undo()
+        rest = [0, 1, 3, 4]
+        assert loss[2].isnan() and dlogits[2].isnan().all()
+        assert check(loss[rest], cross_entropy(logits[rest], fine[rest])[0], 1e-6).passed
+        assert check(dlogits[rest], cross_entropy_backward(dloss[rest], logits[rest], fine[rest], lse[rest]),
+                     1e-6).passed
+
+
 ROTARY_SHAPES = (  # (tokens, heads, kv_heads, head_dim, offset): GQA, MQA, MHA; head_dim/2 not a power of 2
     (5, 6, 2, 64, 0),
     (3, 4, 1, 80, 0),
