@@ -63,6 +63,13 @@ def test_triton_matmul_rejects_mismatched_operands():
         matmul(torch.ones(3, 4), torch.ones(5, 6))
 
 
+@pytest.mark.parametrize("m", [3, 70])
+def test_triton_matmul_of_empty_k_is_zero(m):
+    from opbench.kernels.matmul import matmul
+
+    assert (matmul(torch.ones(m, 0), torch.ones(0, 5)) == 0).all()
+
+
 def test_backend_requirements_on_cpu():
     shape, fp32 = GemmShape(16, 16, 16), DTYPES["fp32"]
     assert GEMM.backends["torch"].requires(shape, fp32, "cpu") is None

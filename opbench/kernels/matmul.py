@@ -270,8 +270,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype | None = 
         raise ValueError(f"matmul needs (M, K) @ (K, N), got {tuple(a.shape)} @ {tuple(b.shape)}")
     (M, K), N = a.shape, b.shape[1]
     c = torch.empty((M, N), device=a.device, dtype=out_dtype or a.dtype)
-    if M == 0 or N == 0:
-        return c
+    if M == 0 or N == 0 or K == 0:
+        return c.zero_()
     strides = (*a.stride(), *b.stride(), *c.stride())
     meta = {"A_LAYOUT": _layout(a), "B_LAYOUT": _layout(b), "INPUT_PRECISION": input_precision}
 
