@@ -1,5 +1,7 @@
-"""Running the suite the way a user does: pytest in a subprocess from the repository root."""
+"""Running the suite the way a user does: pytest in a subprocess from the repository root; Triton's
+autotuning under the interpreter."""
 
+import itertools
 import os
 import subprocess
 import sys
@@ -27,3 +29,22 @@ def run_torchrun(nproc: int, *args: str, launcher: tuple[str, ...] = (), **kwarg
     """torchrun (python -m torch.distributed.run) on this machine; --standalone picks a free port."""
     return run_python("-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *launcher,
                       "-m", "pytest", *args, **kwargs)
+
+
+def twin_autotuner(tuned):
+    """A copy of the Triton autotuner `tuned` (its configs, key, pruning and zeroed arguments) that runs
+    under TRITON_INTERPRET=1: its clock runs each config once, as a benchmark would, and finds each
+    faster than the one before, so that the last config left after pruning is kept. Its `cache` maps
+    each key it tuned for to that config. (Triton's autotune listener cannot serve: it fails on
+    interpreted kernels.)"""
+    import triton
+
+    times = itertools.count(1000.0, -1.0)
+
+    def clock(kernel_call, quantiles):
+        kernel_call()
+        return [next(times)] * 3
+
+    return triton.autotune(configs=tuned.configs, key=tuned.keys, reset_to_zero=tuned.reset_to_zero,
+                           prune_configs_by={"early_config_prune": tuned.early_config_prune},
+                           do_bench=clock)(tuned.fn)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from opbench.kernels.attention import decode_attention, flash_attention, flash_attention_backward
+from tests.helpers import twin_autotuner
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # tests/conftest.py sets TRITON_INTERPRET=1 without one
@@ -110,6 +111,53 @@ def test_kernels_reject_what_they_do_not_compute():
         flash_attention(q, k, k, window=4)
     with pytest.raises(ValueError, match="multiple of kv_heads"):
         flash_attention(torch.zeros(1, 3, 2, 64, device=DEVICE), k, k)
+
+
+# Autotuning keys: on twins of the module's autotuners (tests/helpers.py), on the tuned path under the
+# interpreter ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def tunings(monkeypatch):
+    """{kernel name: the keys its autotuner tuned for, in order}."""
+    import opbench.kernels.attention as A
+
+    twins = {}
+    for name in ("_fwd_tuned", "_dkdv_tuned", "_dq_tuned", "_decode_tuned"):
+        twins[name] = twin_autotuner(getattr(A, name))
+        monkeypatch.setattr(A, name, twins[name])
+    monkeypatch.setattr(A, "_interpreted", lambda: False)
+    return lambda: {name: list(twin.cache) for name, twin in twins.items()}
+
+
+# Configs with 128-query tiles pad the 40 queries: the padding rows divide zero by zero, and are never stored.
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning",
+                            "ignore:divide by zero encountered in log2:RuntimeWarning")
+def test_attention_tunes_per_batch_and_window(tunings):
+    """Same q_len, kv_len, heads and head_dim; batch 1 and 2, no window and a 24-key window: four
+    tunings of each kernel, and the outputs still right."""
+    torch.manual_seed(3)
+    q_all = torch.randn(2, 2, 40, 32, device=DEVICE)
+    k_all, v_all = (torch.randn(2, 1, 70, 32, device=DEVICE) for _ in range(2))
+    for batch in (1, 2):
+        q, k, v = q_all[:batch], k_all[:batch], v_all[:batch]
+        for window in (0, 24):
+            o, lse = flash_attention(q, k, v, causal=True, window=window, return_lse=True)
+            assert rel_err(o, reference(q, k, v, True, window)) < 1e-5
+            flash_attention_backward(torch.randn_like(q), q, k, v, o, lse, causal=True, window=window)
+    keys = tunings()
+    for name in ("_fwd_tuned", "_dkdv_tuned", "_dq_tuned"):
+        assert len(keys[name]) == 4, (name, keys[name])
+
+
+def test_decode_attention_tunes_per_batch_and_window(tunings):
+    torch.manual_seed(4)
+    q_all = torch.randn(3, 4, 1, 32, device=DEVICE)
+    k_all, v_all = (torch.randn(3, 1, 100, 32, device=DEVICE) for _ in range(2))
+    for batch, window in ((2, 0), (3, 0), (3, 40)):
+        q, k, v = q_all[:batch], k_all[:batch], v_all[:batch]
+        out = decode_attention(q, k, v, window=window, num_splits=2)
+        assert rel_err(out, reference(q, k, v, True, window)) < 1e-5
+    assert len(tunings()["_decode_tuned"]) == 3, tunings()
 
 
 # The GPU compilation path, which the interpreter never takes -------------------------------------------

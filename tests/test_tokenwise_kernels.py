@@ -81,6 +81,78 @@ def test_norm_strided_rows():
     _assert_matches(rms_norm_backward(inp["dy"], inp["x"], inp["weight"], out.rstd), "rmsnorm", inp, "fp32", "bwd")
 
 
+def _fused_residual_rows(kind: str, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 x and residual. "constant": each row one value (zero variance), x + residual not an fp16
+    number in most rows, so h rounds; "random": the usual normal rows."""
+    if kind == "random":
+        return tuple(torch.randn(rows, width, device=DEVICE, dtype=torch.float16) for _ in range(2))
+    x, residual = (torch.randn(rows, 1, device=DEVICE, dtype=torch.float16).expand(rows, width).contiguous()
+                   for _ in range(2))
+    exact = x.double() + residual.double()
+    assert (exact != (x + residual).double()).any(), "the inputs must round h"
+    return x, residual
+
+
+def _error(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor) -> float:
+    """||got - want|| relative to ||want||, or to `scale` where want is about zero (the dweight of
+    zero-variance rows)."""
+    return ((got.double() - want).norm() / max(want.norm(), scale.double().norm())).item()
+
+
+@pytest.mark.parametrize("kind", ("constant", "random"))
+@pytest.mark.parametrize("width", (1, 7, 4096))
+@pytest.mark.parametrize("op", ("layernorm", "rmsnorm"))
+def test_fused_residual_norm_takes_its_statistics_from_h_as_stored(op, width, kind):
+    """fp16 (the rounding of h to a 16-bit dtype is the point; the interpreter cannot run bf16) against
+    float64. A LayerNorm row of zero variance (any row at width 1) has rstd = 1/sqrt(eps): statistics
+    of the unrounded sum against the backward's rounded h made dweight wrong by half of ||dy||. RMSNorm
+    has no centring, so its rstd is large only on rows near zero, where h's rounding is as small: it
+    shares the inconsistency, not the amplification, and is held to the same bounds."""
+    torch.manual_seed(width)
+    rows = 13
+    x, residual = _fused_residual_rows(kind, rows, width)
+    weight, bias, dy, dh = (torch.randn(*size, device=DEVICE, dtype=torch.float16)
+                            for size in ((width,), (width,), (rows, width), (rows, width)))
+    leaves = [t.cpu().double().requires_grad_() for t in (x, residual, weight, bias)]
+    h = leaves[0] + leaves[1]
+    if op == "layernorm":
+        out = layer_norm(x, weight, bias, eps=norm.EPS, residual=residual, save_stats=True)
+        dx, dweight, _ = layer_norm_backward(dy, out.residual, weight, out.mean, out.rstd, dresidual=dh)
+        y = norm.layer_norm_formula(h, leaves[2], leaves[3])
+    else:
+        out = rms_norm(x, weight, eps=norm.EPS, residual=residual, save_stats=True)
+        dx, dweight = rms_norm_backward(dy, out.residual, weight, out.rstd, dresidual=dh)
+        y = norm.rms_norm_formula(h, leaves[2])
+    want_dx, _, want_dweight = torch.autograd.grad((y, h), leaves[:3], (dy.cpu().double(), dh.cpu().double()),
+                                                   allow_unused=True)
+    tol = TOLERANCE["fp16"]
+    assert _error(out.y.cpu(), y.detach(), dy.cpu()) < tol
+    assert _error(dx.cpu(), want_dx, dy.cpu()) < tol
+    assert _error(dweight.cpu(), want_dweight, dy.cpu()) < tol
+
+
+def test_norms_reject_weights_and_statistics_of_the_wrong_shape():
+    """A weight, bias or per-row statistic shorter than the rows would be read past its end."""
+    x, dy = torch.randn(5, 7, device=DEVICE), torch.randn(5, 7, device=DEVICE)
+    weight = torch.randn(7, device=DEVICE)
+    out = layer_norm(x, weight, weight, eps=norm.EPS, save_stats=True)
+    for bad in (weight[:6], torch.randn(8, device=DEVICE), weight[None], torch.randn(14, device=DEVICE)[::2]):
+        with pytest.raises(ValueError, match="weight"):
+            rms_norm(x, bad, eps=norm.EPS)
+        with pytest.raises(ValueError, match="weight"):
+            layer_norm_backward(dy, x, bad, out.mean, out.rstd)
+        with pytest.raises(ValueError, match="bias"):
+            layer_norm(x, weight, bad, eps=norm.EPS)
+    with pytest.raises(ValueError, match="residual"):
+        rms_norm(x, weight, eps=norm.EPS, residual=x[:4])
+    with pytest.raises(ValueError, match="dy"):
+        rms_norm_backward(dy[:4], x, weight, out.rstd)
+    with pytest.raises(ValueError, match="rstd"):
+        rms_norm_backward(dy, x, weight, out.rstd[:4])
+    with pytest.raises(ValueError, match="mean"):
+        layer_norm_backward(dy, x, weight, out.mean.double(), out.rstd)
+
+
 @pytest.mark.parametrize("dtype", TOLERANCE)
 @pytest.mark.parametrize("rows, width", list(zip((5, 3, 4), WIDTHS)))
 @pytest.mark.parametrize("op, act, gated", [("swiglu", "silu", True), ("geglu", "gelu_tanh", True),
@@ -107,6 +179,68 @@ def test_cross_entropy(rows, vocab, dtype):
     buffer = logits.clone()
     assert cross_entropy_backward(inp["dloss"], buffer, targets, lse, inplace=True).data_ptr() == buffer.data_ptr()
     _assert_matches(buffer, "cross_entropy", inp, dtype, "bwd")
+
+
+@pytest.mark.parametrize("dtype", TOLERANCE)
+@pytest.mark.parametrize("rows, vocab, ignore_index", [(7, 999, -100), (13, 1000, -100), (9, 999, 0)])
+def test_cross_entropy_ignore_index_matches_torch(rows, vocab, ignore_index, dtype):
+    """Against torch.nn.functional.cross_entropy in float64: per row, the mean over the rows not
+    ignored, and the gradient; ignored rows give exactly zero loss and gradient. ignore_index 0 is
+    a column of the row, ignored all the same, as torch does."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(rows)
+    logits = (4 * torch.randn(rows, vocab, device=DEVICE)).to(get_dtype(dtype).torch)
+    targets = torch.randint(0, vocab, (rows,), device=DEVICE)
+    targets[[0, rows - 1]] = torch.tensor([vocab - 1, 0 if ignore_index else 1])  # the row's two ends
+    ignored = torch.zeros(rows, dtype=torch.bool, device=DEVICE)
+    ignored[[1, 4, rows - 2]] = True
+    targets[ignored] = ignore_index
+    loss, lse = cross_entropy(logits, targets, ignore_index=ignore_index)
+
+    leaf = logits.cpu().double().requires_grad_()
+    want = F.cross_entropy(leaf, targets.cpu(), ignore_index=ignore_index, reduction="none")
+    tol = TOLERANCE[dtype]
+    assert check(loss, want.detach(), tol).passed
+    assert (loss[ignored] == 0).all()
+    counted = (targets != ignore_index).sum()
+    mean = F.cross_entropy(logits.cpu().double(), targets.cpu(), ignore_index=ignore_index)
+    assert check(loss.sum() / counted, mean, tol).passed
+
+    dloss = torch.randn(rows, device=DEVICE)
+    (want_grad,) = torch.autograd.grad(want, leaf, dloss.cpu().double())
+    for inplace in (False, True):
+        dlogits = cross_entropy_backward(dloss, logits.clone(), targets, lse, inplace=inplace,
+                                         ignore_index=ignore_index)
+        assert check(dlogits, want_grad, tol).passed
+        assert (dlogits[ignored] == 0).all()
+
+
+def test_cross_entropy_rejects_targets_out_of_range(monkeypatch):
+    """On the CPU before the launch; past that check (as on a GPU, where it would synchronise), the
+    kernels read nothing outside the row and give that row a NaN loss and NaN gradients."""
+    import opbench.kernels.cross_entropy as ce
+
+    logits, dloss = torch.randn(5, 999, device=DEVICE), torch.randn(5, device=DEVICE)
+    fine = torch.randint(0, 999, (5,), device=DEVICE)
+    _, lse = cross_entropy(logits, fine)
+    for bad in (999, -1, -101, 2**40):
+        targets = fine.clone()
+        targets[2] = bad
+        if DEVICE == "cpu":
+            with pytest.raises(ValueError, match=f"row 2 has {bad}"):
+                cross_entropy(logits, targets)
+            with pytest.raises(ValueError, match=r"\[0, 999\) or ignore_index \(-100\)"):
+                cross_entropy_backward(dloss, logits, targets, lse)
+        monkeypatch.setattr(ce, "_check_targets", lambda *args: None)
+        loss, _ = cross_entropy(logits, targets)
+        dlogits = cross_entropy_backward(dloss, logits, targets, lse)
+        monkeypatch.undo()
+        rest = [0, 1, 3, 4]
+        assert loss[2].isnan() and dlogits[2].isnan().all()
+        assert check(loss[rest], cross_entropy(logits[rest], fine[rest])[0], 1e-6).passed
+        assert check(dlogits[rest], cross_entropy_backward(dloss[rest], logits[rest], fine[rest], lse[rest]),
+                     1e-6).passed
 
 
 ROTARY_SHAPES = (  # (tokens, heads, kv_heads, head_dim, offset): GQA, MQA, MHA; head_dim/2 not a power of 2

@@ -72,7 +72,7 @@ def _fwd_blocks(acc, l_i, m_i, q, pos, k_base, v_base, stride_kn, stride_vn, off
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, qk_scale, heads, q_len, kv_len, window,
+def _attn_fwd(Q, K, V, O, LSE, qk_scale, batch, heads, q_len, kv_len, window,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr,
@@ -158,8 +158,8 @@ def _dkdv_blocks(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stri
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale, qk_scale, heads, kv_heads, q_len, kv_len, window,
-                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale, qk_scale, batch, heads, kv_heads, q_len, kv_len,
+                   window, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dm,
                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -232,7 +232,7 @@ def _dq_blocks(dq, q, do, lse, delta, pos, k_base, v_base, stride_kn, stride_vn,
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, sm_scale, qk_scale, heads, q_len, kv_len, window,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, sm_scale, qk_scale, batch, heads, q_len, kv_len, window,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dm,
                  stride_dqb, stride_dqh, stride_dqm,
@@ -277,7 +277,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, sm_scale, qk_scale, heads, q_len, 
 
 
 @triton.jit
-def _decode_split(Q, K, V, KV_LENS, PART_O, PART_LSE, qk_scale, kv_heads, kv_len, window, num_splits,
+def _decode_split(Q, K, V, KV_LENS, PART_O, PART_LSE, qk_scale, batch, kv_heads, kv_len, window, num_splits,
                   stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                   HAS_LENS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                   BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -384,11 +384,16 @@ _DECODE_CONFIGS = [
     _config(2, 4, BLOCK_N=128),
     _config(3, 4, BLOCK_N=32),
 ]
-_SHAPE_KEY = ["q_len", "kv_len", "GROUP", "HEAD_DIM", "CAUSAL"]
+# Batch and heads set how many programs share the GPU, and the window how many keys each query tile
+# visits, so each changes the best tile; Triton's autotuner adds the tensors' dtypes to every key.
+# (The kernels take `batch` for these keys only.)
+_SHAPE_KEY = ["batch", "heads", "q_len", "kv_len", "window", "GROUP", "HEAD_DIM", "CAUSAL", "INPUT_PRECISION"]
+_DECODE_KEY = ["batch", "kv_heads", "kv_len", "window", "num_splits", "GROUP", "HEAD_DIM", "HAS_LENS",
+               "INPUT_PRECISION"]
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_SHAPE_KEY)(_attn_fwd)
 _dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_SHAPE_KEY)(_attn_bwd_dkdv)
 _dq_tuned = triton.autotune(_DQ_CONFIGS, key=_SHAPE_KEY)(_attn_bwd_dq)
-_decode_tuned = triton.autotune(_DECODE_CONFIGS, key=["kv_len", "GROUP", "HEAD_DIM", "HAS_LENS"])(_decode_split)
+_decode_tuned = triton.autotune(_DECODE_CONFIGS, key=_DECODE_KEY)(_decode_split)
 
 # Under the interpreter: tiles of different heights so that block edges fall at different places.
 _INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32}
@@ -456,7 +461,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     def grid(meta):
         return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
 
-    _launch(_attn_fwd, _fwd_tuned, grid, q, k, v, o, lse, qk_scale, heads, q_len, kv_len, window,
+    _launch(_attn_fwd, _fwd_tuned, grid, q, k, v, o, lse, qk_scale, batch, heads, q_len, kv_len, window,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             GROUP=group, HEAD_DIM=head_dim, CAUSAL=causal, STORE_LSE=return_lse,
             INPUT_PRECISION=input_precision, BLOCK_D=_block_d(head_dim))
@@ -488,9 +493,9 @@ def flash_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         return (triton.cdiv(q_len, m["BLOCK_M"]), batch * heads)
 
     _launch(_attn_bwd_dkdv, _dkdv_tuned, dkdv_grid, q, k, v, do, lse, delta, dk, dv, sm_scale, qk_scale,
-            heads, kv_heads, q_len, kv_len, window, *strides, *dk.stride()[:3], *dv.stride()[:3], **meta)
+            batch, heads, kv_heads, q_len, kv_len, window, *strides, *dk.stride()[:3], *dv.stride()[:3], **meta)
     _launch(_attn_bwd_dq, _dq_tuned, dq_grid, q, k, v, do, lse, delta, dq, sm_scale, qk_scale,
-            heads, q_len, kv_len, window, *strides, *dq.stride()[:3], **meta)
+            batch, heads, q_len, kv_len, window, *strides, *dq.stride()[:3], **meta)
     return dq, dk, dv
 
 
@@ -525,8 +530,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_d = _block_d(head_dim)
 
     _launch(_decode_split, _decode_tuned, (splits, batch * kv_heads), q, k_cache, v_cache,
-            kv_lens if kv_lens is not None else q, part_o, part_lse, qk_scale, kv_heads, kv_len, window, splits,
-            *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3],
+            kv_lens if kv_lens is not None else q, part_o, part_lse, qk_scale, batch, kv_heads, kv_len, window,
+            splits, *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3],
             HAS_LENS=kv_lens is not None, GROUP=group, HEAD_DIM=head_dim, INPUT_PRECISION=input_precision,
             BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
             interpreter_blocks=_INTERPRETER_DECODE_BLOCKS)

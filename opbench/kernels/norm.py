@@ -2,7 +2,8 @@
 
 Forward: one program per row holds the whole row in registers (widths up to 65536), so the input is
 read once; statistics are kept in fp32. With a residual, h = x + residual is written out (the new
-residual stream) and normalised, as inference stacks fuse the two.
+residual stream) and normalised, as inference stacks fuse the two; the statistics come from h as
+written, rounded to its dtype, as an unfused add then norm would compute them.
 
 Backward: each program walks a contiguous block of rows, writing dx and accumulating its share of
 dweight (and dbias) in fp32 registers; the per-program partial sums are added up afterwards, which
@@ -32,8 +33,12 @@ def _norm_fwd_kernel(
     mask = cols < N
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        x += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(H + row * stride_h + cols, x.to(H.dtype.element_ty), mask=mask)
+        h = (x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
+        tl.store(H + row * stride_h + cols, h, mask=mask)
+        # Normalise h as stored, rounded to its dtype: the backward recomputes the normalised input
+        # from that h and these statistics. Taken from the unrounded sum instead, a row of near-zero
+        # variance (rstd up to 1/sqrt(eps)) would turn h's rounding into a wrong gradient.
+        x = h.to(tl.float32)
     if IS_RMS:
         xc = x
     else:
@@ -95,10 +100,18 @@ class NormOutput(NamedTuple):
     rstd: torch.Tensor | None
 
 
-def _check_rows(name: str, t: torch.Tensor, width: int) -> None:
-    if t.ndim != 2 or t.shape[1] != width or t.stride(1) != 1:
-        raise ValueError(f"{name} must be a (rows, {width}) tensor with contiguous rows, got {tuple(t.shape)} "
+def _check_rows(name: str, t: torch.Tensor, rows: int, width: int) -> None:
+    if t.ndim != 2 or t.shape != (rows, width) or (width > 1 and t.stride(1) != 1):
+        raise ValueError(f"{name} must be a ({rows}, {width}) tensor with contiguous rows, got {tuple(t.shape)} "
                          f"with strides {t.stride()}")
+
+
+def _check_vector(name: str, t: torch.Tensor, length: int, dtype: torch.dtype | None = None) -> None:
+    """A per-column (weight, bias) or per-row (mean, rstd) vector: the kernels read `length`
+    contiguous elements of it, so a shorter one would be read past its end."""
+    if t.ndim != 1 or t.shape[0] != length or (length > 1 and t.stride(0) != 1) or (dtype and t.dtype != dtype):
+        want = f"a contiguous ({length},){f' {dtype}' if dtype else ''} tensor"
+        raise ValueError(f"{name} must be {want}, got {tuple(t.shape)} {t.dtype} with strides {t.stride()}")
 
 
 def _block(width: int) -> tuple[int, int]:
@@ -109,10 +122,15 @@ def _block(width: int) -> tuple[int, int]:
 
 
 def _norm(x, weight, bias, residual, eps, save_stats, is_rms) -> NormOutput:
+    if x.ndim != 2:
+        raise ValueError(f"x must be a (rows, width) tensor, got {tuple(x.shape)}")
     (M, N), device = x.shape, x.device
-    _check_rows("x", x, N)
+    _check_rows("x", x, M, N)
     if residual is not None:
-        _check_rows("residual", residual, N)
+        _check_rows("residual", residual, M, N)
+    _check_vector("weight", weight, N)
+    if bias is not None:
+        _check_vector("bias", bias, N)
     y = torch.empty_like(x)
     h = torch.empty_like(x) if residual is not None else None
     mean = torch.empty(M, device=device, dtype=torch.float32) if save_stats and not is_rms else None
@@ -150,10 +168,16 @@ def _programs(rows: int, device: torch.device) -> int:
 
 
 def _norm_backward(dy, x, weight, mean, rstd, dresidual, has_bias, is_rms):
+    if x.ndim != 2:
+        raise ValueError(f"h must be a (rows, width) tensor, got {tuple(x.shape)}")
     (M, N), device = x.shape, x.device
-    for name, t in (("dy", dy), ("dresidual", dresidual)):
+    for name, t in (("h", x), ("dy", dy), ("dresidual", dresidual)):
         if t is not None:
-            _check_rows(name, t, N)
+            _check_rows(name, t, M, N)
+    _check_vector("weight", weight, N)
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        if t is not None:
+            _check_vector(name, t, M, torch.float32)
     dx = torch.empty_like(x)
     programs = _programs(M, device)
     rows_per_program = triton.cdiv(M, programs)

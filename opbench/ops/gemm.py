@@ -79,7 +79,7 @@ def torch_matmul(inp: dict, dtype: DType, pass_: str):
     return lambda: torch.matmul(a, b)
 
 
-@GEMM.backend("triton", impl="kernels/matmul.py, autotuned per (M, N, K)",
+@GEMM.backend("triton", impl="opbench/kernels/matmul.py, autotuned per (M, N, K, layouts, precision); split-K at M <= 64",
               requires=all_of(needs_triton_gpu, needs_capability))
 def triton_matmul(inp: dict, dtype: DType, pass_: str):
     from opbench.kernels.matmul import matmul
