@@ -28,10 +28,10 @@ class Gate:
     tol: float
     worst_output: int = 0  # which output was worst, for ops with several (dq, dk, dv)
     worst_rank: int | None = None  # collectives: the rank whose output was worst
+    passed: bool = dataclasses.field(default=False, compare=False)  # derived: written for a reader of the JSON
 
-    @property
-    def passed(self) -> bool:
-        return self.rel_err <= self.tol  # NaN fails
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "passed", self.rel_err <= self.tol)  # NaN fails
 
 
 @dataclass(frozen=True)

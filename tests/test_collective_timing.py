@@ -136,7 +136,7 @@ def test_graph_timings_are_fitted_apart_and_composition_prefers_the_dispatched_f
     assert fits[True].alpha_s < fits[False].alpha_s  # the latency without dispatch
     assert "CUDA graph" in fits[True].source and "CUDA graph" not in fits[False].source
     for order in (list(fits.values()), list(fits.values())[::-1]):
-        assert Composer([], fits=order).fits["allreduce"].graph is False
+        assert Composer([], fits=order).fits[("allreduce", "bf16")].graph is False
 
 
 def test_rows_without_a_graph_flag_fit_as_dispatched_calls():

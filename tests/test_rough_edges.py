@@ -111,7 +111,7 @@ def test_output_files_in_missing_folders_are_one_line_errors(tmp_path, capsys):
     plans = [plan(ZOO["tiny"], Workload(phase, 1, n, dtype="fp32")) for phase, n in (("prefill", 96), ("decode", 512))]
     run = write_run(tmp_path / "inference.json", op_records(plans), plans=plans)
     for argv in (["report", run, "-o", tmp_path / "missing" / "r.html"],
-                 ["idealized", run, "--model", "tiny", "--dtype", "fp32", "-o", tmp_path / "missing" / "x.json"]):
+                 ["idealized", run, "--model", "tiny", "--name", "test/tiny", "--dtype", "fp32", "-o", tmp_path / "missing" / "x.json"]):
         status, _, err = _cli(capsys, *argv)
         assert status == 2 and f"cannot write {tmp_path / 'missing'}" in _one_error_line(err)
 

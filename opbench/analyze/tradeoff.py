@@ -414,7 +414,7 @@ def add_command(sub) -> None:
                                                      "else the run's measured matmul peak)")
     t.add_argument("--host-gbps", type=float, help="host-device bandwidth for offload (default: measured, else "
                                                    "the datasheet's, else 25)")
-    p.set_defaults(func=_command, mode="graph")  # the first composer's mode; the others derive from it
+    p.set_defaults(func=_command, mode="graph", fuse=False)  # the first composer's mode; the others derive from it
 
 
 def _composer(args) -> tuple[Run, Composer]:

@@ -57,6 +57,8 @@ class ModelConfig:
     source: str = ""  # where the numbers come from
 
     def __post_init__(self) -> None:
+        for f in ("dense_layers", "window_layers"):  # a config read back from JSON holds lists
+            object.__setattr__(self, f, tuple(getattr(self, f)))
         for f in ("hidden", "layers", "heads", "kv_heads", "head_dim", "ffn_hidden", "vocab", "max_seq_len",
                   "experts", "experts_per_token"):
             value = getattr(self, f)
