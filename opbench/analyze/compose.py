@@ -22,7 +22,7 @@ from opbench.analyze.alphabeta import AlphaBeta, get_profile, predict
 from opbench.ops.dtypes import get_dtype
 from opbench.ops import FAMILIES, get_family
 from opbench.ops.base import shape_dict
-from opbench.ops.collective import COLLECTIVES
+from opbench.ops.collective import UNEVEN, is_collective
 from opbench.record import OpCase
 from opbench.spec.plan import Plan
 
@@ -30,10 +30,13 @@ SOURCES = ("measured", "interpolated", "modeled")
 EXECUTION_MODES = ("graph", "eager")  # CUDA graphs (device time) or eager launches (at least host_s per call)
 
 # Module of a call, by the first part of its role (LoRA adapters count with the layer they adapt).
-MODULE_ORDER = ("attention", "mlp", "norms+residuals", "communication", "embedding+head", "optimizer", "other")
-MODULES = {"attn": "attention", "mlp": "mlp", "moe": "mlp", "norm": "norms+residuals",
-           "residual": "norms+residuals", "tp": "communication", "dp": "communication", "embed": "embedding+head",
-           "lm_head": "embedding+head", "loss": "embedding+head", "optim": "optimizer"}
+# Two-part prefixes are looked up before the first part alone: MoE routing and permutation ("moe.route.*")
+# form a module of their own beside the experts' GEMMs.
+MODULE_ORDER = ("attention", "mlp", "moe routing", "norms+residuals", "communication", "embedding+head", "optimizer",
+                "other")
+MODULES = {"attn": "attention", "mlp": "mlp", "moe": "mlp", "moe.route": "moe routing", "norm": "norms+residuals",
+           "residual": "norms+residuals", "tp": "communication", "dp": "communication", "ep": "communication",
+           "embed": "embedding+head", "lm_head": "embedding+head", "loss": "embedding+head", "optim": "optimizer"}
 
 
 class MissingMeasurement(LookupError):
@@ -76,11 +79,18 @@ class CallTime:
     source: str  # measured | interpolated | modeled
     backend: str | None
     energy_j: float | None = None  # one call
+    layers: int = 1  # the layers the call repeats in (scope "model": 1)
+    kind: str = ""  # its kind of layer ("" for scope "model")
 
     @property
     def module(self) -> str:
-        head = self.role.split(".")[1] if self.role.startswith("lora.") else self.role.split(".")[0]
-        return MODULES.get(head, "other")
+        parts = self.role.split(".")[1:] if self.role.startswith("lora.") else self.role.split(".")
+        return MODULES.get(".".join(parts[:2]), MODULES.get(parts[0], "other"))
+
+    @property
+    def step_s(self) -> float:
+        """The call's time over one model step: count x layers x one call."""
+        return self.count * self.time_s * self.layers
 
 
 @dataclass(frozen=True)
@@ -89,27 +99,40 @@ class Breakdown:
     calls: tuple[CallTime, ...]
     mode: str = "graph"  # the execution mode composed: graph (device times) or eager (host launch floor)
 
+    def kinds(self) -> dict[str, tuple[int, float]]:
+        """Each kind of layer: (its layers, the time of one such layer)."""
+        out: dict[str, tuple[int, float]] = {}
+        for c in self.calls:
+            if c.scope == "layer":
+                layers, s = out.get(c.kind, (c.layers, 0.0))
+                out[c.kind] = (layers, s + c.count * c.time_s)
+        return out
+
     @property
     def layer_s(self) -> float:
-        return sum(c.count * c.time_s for c in self.calls if c.scope == "layer")
+        """One decoder layer; the mean over the layers where their kinds differ."""
+        kinds = self.kinds()
+        if len(kinds) == 1:
+            return next(iter(kinds.values()))[1]
+        return sum(n * s for n, s in kinds.values()) / self.plan.model.layers if kinds else 0.0
 
     @property
     def total_s(self) -> float:
-        """One model step: every layer plus the model-scope calls."""
-        return self.plan.model.layers * self.layer_s + sum(c.count * c.time_s for c in self.calls if c.scope == "model")
+        """One model step: every layer of every kind plus the model-scope calls."""
+        return (sum(n * s for n, s in self.kinds().values())
+                + sum(c.count * c.time_s for c in self.calls if c.scope == "model"))
 
     @property
     def energy_j(self) -> float | None:
         if any(c.energy_j is None for c in self.calls):
             return None
-        per_layer = sum(c.count * c.energy_j for c in self.calls if c.scope == "layer")
-        return self.plan.model.layers * per_layer + sum(c.count * c.energy_j for c in self.calls if c.scope == "model")
+        return sum(c.count * c.energy_j * c.layers for c in self.calls)
 
     def modules_s(self) -> dict[str, float]:
         """Time per module over one model step."""
         out: dict[str, float] = defaultdict(float)
         for c in self.calls:
-            out[c.module] += c.count * c.time_s * (self.plan.model.layers if c.scope == "layer" else 1)
+            out[c.module] += c.step_s
         return dict(out)
 
     @property
@@ -128,20 +151,27 @@ class Breakdown:
             "plan": self.plan.name,
             "mode": self.mode,
             "layer_s": self.layer_s,
+            "kinds": {k: {"layers": n, "time_s": s} for k, (n, s) in self.kinds().items()},
             "total_s": total,
             "energy_j": self.energy_j,
             "modules": {m: {"time_s": t, "share": t / total if total else 0.0} for m, t in self.modules_s().items()},
             "sources": self.sources(),
             "calls": [{"role": c.role, "op": c.op, "pass": c.pass_, "count": c.count, "scope": c.scope,
-                       "time_s": c.time_s, "source": c.source, "backend": c.backend, "energy_j": c.energy_j}
+                       "time_s": c.time_s, "source": c.source, "backend": c.backend, "energy_j": c.energy_j,
+                       "layers": c.layers, "kind": c.kind}
                       for c in self.calls],
         }
 
     @classmethod
     def from_dict(cls, d: dict, plan: Plan) -> Breakdown:
         """A breakdown as the JSON's opbench.breakdowns holds it, for its plan."""
+        # the plan's calls give the layers and kinds of breakdowns written before layer kinds
+        where = {(p.role, p.op, p.pass_): (p.layers, p.kind) for p in plan.calls}
         return cls(plan, tuple(CallTime(c["role"], c["op"], c["pass"], c["count"], c["scope"], c["time_s"], c["source"],
-                                        c["backend"], c.get("energy_j")) for c in d["calls"]), d.get("mode", "graph"))
+                                        c["backend"], c.get("energy_j"),
+                                        *((c["layers"], c["kind"]) if "layers" in c else
+                                          where.get((c["role"], c["op"], c["pass"]), (1, ""))))
+                                for c in d["calls"]), d.get("mode", "graph"))
 
 
 def run_breakdowns(section: dict) -> list[Breakdown]:
@@ -182,10 +212,11 @@ class Composer:
         interpolated = self._interpolate(op, key, dtype, pass_)
         if interpolated is not None:
             return interpolated + (None,)
-        if op in COLLECTIVES:
-            fields = dict(key)
-            source = self.fits.get(op) or self.fabric
-            return self.collective_s(op, fields["size_bytes"], fields["world"]), "modeled", _name(source), None
+        if is_collective(op):
+            family = get_family(op)
+            shape = family.shape_type(**dict(key))
+            size = family.bytes(shape, get_dtype(dtype), pass_)  # the nccl-tests buffer S
+            return self.collective_s(op, size, shape.world), "modeled", _name(self._collective_model(op)), None
         return self._model(op, key, dtype, pass_, role), "modeled", None, None
 
     def _call_s(self, m: OpCase) -> float:
@@ -196,7 +227,19 @@ class Composer:
 
     def collective_s(self, op: str, size_bytes: int, world: int) -> float:
         """One collective call by the alpha-beta model: a measured fit of the op, else the fabric profile."""
-        return predict(op, size_bytes, world, self.fits.get(op) or self.fabric)
+        return predict(op, size_bytes, world, self._collective_model(op))
+
+    def _collective_model(self, op: str):
+        """The op's own fit; for the uneven all-to-all, where its fit has no bandwidth (the plans' few
+        sizes), the even all-to-all's sweep; else the fabric profile."""
+        own = self.fits.get(op)
+        if own is not None and (own.busbw_gbps is not None or op not in UNEVEN):
+            return own
+        stand_in = self.fits.get(UNEVEN.get(op, ""))
+        if stand_in is not None:
+            return AlphaBeta(op, stand_in.alpha_s, stand_in.busbw_gbps, stand_in.world,
+                             f"{stand_in.source} ({stand_in.op} standing in)")
+        return self.fabric
 
     def _interpolate(self, op, key, dtype, pass_) -> tuple[float, str, str] | None:
         target = dict(key)
@@ -246,7 +289,7 @@ class Composer:
                 how = (f"measure it with: pytest bench/ --model {plan.model.name} --workload {w.label} "
                        f"--dtype {w.dtype} -k {c.op}" if c.op in FAMILIES else "no bench module measures this op yet")
                 raise MissingMeasurement(f"{missing}; {how}") from None
-            calls.append(CallTime(c.role, c.op, c.pass_, c.count, c.scope, t, source, backend, energy))
+            calls.append(CallTime(c.role, c.op, c.pass_, c.count, c.scope, t, source, backend, energy, c.layers, c.kind))
         return Breakdown(plan, tuple(calls), self.mode)
 
 

@@ -68,6 +68,8 @@ def add_command(sub) -> None:
                    help="prompt length (prefill), context length incl. the new token (decode), sequence length "
                         "(train, finetune)")
     p.add_argument("--lora-rank", type=int, default=16, help="finetune: the adapters' rank (default 16)")
+    p.add_argument("--skew", type=float, default=0.0,
+                   help="mixtures of experts: the routing's Zipf exponent over the experts (default 0, uniform)")
     p.add_argument("--recompute", action="store_true", help="train: full activation recomputation")
     p.add_argument("--dp", type=int, default=1, help="train: data-parallel replicas (gradient all-reduce)")
     p.add_argument("--no-overlap", action="store_true", help="train: the gradient all-reduce does not overlap "
@@ -90,6 +92,9 @@ def add_command(sub) -> None:
 def _model_options(p) -> None:
     p.add_argument("--model", required=True, help="a zoo name or a Hugging Face config.json path")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
+    p.add_argument("--ep", type=int, default=1,
+                   help="mixtures of experts: expert-parallel GPUs, a multiple of --tp (default 1); the all-to-alls "
+                        "come from --collectives' fits or the --fabric profile")
     p.add_argument("--dtype", default="bf16", help="workload dtype (default bf16)")
     p.add_argument("--policy", default="fastest",
                    help="backends to compose from: fastest (default), vendor, triton, eager, or one backend's name")
@@ -117,7 +122,8 @@ def _composer(args) -> tuple[Run, Composer]:
 def _estimate_command(args) -> int:
     run, composer = _composer(args)
     model = get_model(args.model)
-    w = Workload(args.phase, args.batch, args.context, tp=args.tp, dtype=args.dtype, lora_rank=args.lora_rank)
+    w = Workload(args.phase, args.batch, args.context, tp=args.tp, dtype=args.dtype, lora_rank=args.lora_rank,
+                 ep=args.ep, skew=args.skew)
     breakdown = composer.compose(plan(model, w))
     sheet = datasheet_for((used_gpu(run.machine_info) or {}).get("name"))
     peak = sheet.matmul_tflops.get(args.dtype) if sheet else None
@@ -151,7 +157,7 @@ def _estimate_command(args) -> int:
 def _idealized_command(args) -> int:
     _, composer = _composer(args)
     helm = idealized_runtime(composer, get_model(args.model), tp=args.tp, dtype=args.dtype,
-                             decode_context=args.decode_context, cost_aware=args.cost_aware)
+                             decode_context=args.decode_context, cost_aware=args.cost_aware, ep=args.ep)
     text = json.dumps(helm, indent=1)
     if args.output:
         Path(args.output).write_text(text + "\n")

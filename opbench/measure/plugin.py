@@ -29,6 +29,7 @@ from opbench.measure.timing import L2_MODES, RunSettings
 from opbench.record import OpCase
 from opbench.record import UnitCase as UnitRecord
 from opbench.measure.units import run_unit_case
+from opbench.spec.workload import WORKLOAD_SYNTAX
 
 
 @dataclass
@@ -62,10 +63,11 @@ def pytest_addoption(parser):
     group.addoption("--model", action="append", metavar="NAME|PATH",
                     help="model to plan: a zoo name (see `opbench models`) or a Hugging Face config.json path; "
                          "repeat or comma-separate for several. Default: the profile's models.")
-    group.addoption("--workload", action="append", metavar="PHASE:b=B,s=S[,smin=S0][,tp=N][,r=R]",
+    group.addoption("--workload", action="append", metavar=WORKLOAD_SYNTAX,
                     help="workload to plan, e.g. prefill:b=1,s=2048 or decode:b=32,s=4096,tp=8 "
                          "(s: prompt, context or sequence length; smin: a decode batch's shortest context, the "
-                         "others spread evenly up to s; r: LoRA rank for finetune); repeat for several. "
+                         "others spread evenly up to s; ep: expert-parallel GPUs; skew: the routing's Zipf "
+                         "exponent; r: LoRA rank for finetune); repeat for several. "
                          "Default: the profile's workloads.")
     group.addoption("--dtype", action="append", metavar="DTYPE",
                     help="dtypes to run: bf16, fp16, fp32, tf32, fp8 (comma-separated or repeated). "

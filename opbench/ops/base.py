@@ -43,6 +43,8 @@ class OpFamily:
     backends: dict[str, Backend] = field(default_factory=dict)
     # workload dtype -> the dtype the op runs in, for workload dtypes not in `dtypes`
     fallbacks: dict[str, str] = field(default_factory=lambda: {"fp8": "bf16", "tf32": "fp32"})
+    # what a shape holds but does not show (ragged sizes derived from it), for `opbench plan`; None: nothing
+    describe: Callable[[Any], str] | None = None
 
     def backend(self, name: str, *, impl: str, requires: Requires | None = None):
         """Decorator: register `prepare` as backend `name`."""
