@@ -90,8 +90,11 @@ def test_expert_parallelism_beyond_the_machine_is_modeled_from_the_fabric():
     alpha_only = Fit("alltoallv", 1e-4, None, 2, "measured: gloo fp32, world of 2")
     sweep = Fit("alltoall", 2e-5, 100.0, 8, "measured: nccl bf16, world of 8")
     composer = Composer(run, fits=[alpha_only, sweep])
-    t, source, backend, _ = composer.time("alltoallv", shape, "bf16", "fwd")
+    t, _, backend, _ = composer.time("alltoallv", shape, "bf16", "fwd")
     assert t == pytest.approx(predict("alltoall", size, 16, sweep)) and "alltoall standing in" in backend
+    flat = Fit("alltoall", 1e-4, None, 2, "measured: gloo fp32, world of 2")  # no bandwidth either: the fabric
+    assert Composer(run, fits=[alpha_only, flat]).time("alltoallv", shape, "bf16", "fwd")[2] == \
+        "profile h100-nvlink-ring"
 
 
 def test_estimates_of_a_mixture_of_experts():

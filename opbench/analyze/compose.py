@@ -231,12 +231,12 @@ class Composer:
 
     def _collective_model(self, op: str):
         """The op's own fit; for the uneven all-to-all, where its fit has no bandwidth (the plans' few
-        sizes), the even all-to-all's sweep; else the fabric profile."""
+        sizes), the even all-to-all's sweep if it has one; else the fabric profile."""
         own = self.fits.get(op)
         if own is not None and (own.busbw_gbps is not None or op not in UNEVEN):
             return own
         stand_in = self.fits.get(UNEVEN.get(op, ""))
-        if stand_in is not None:
+        if stand_in is not None and stand_in.busbw_gbps is not None:
             return AlphaBeta(op, stand_in.alpha_s, stand_in.busbw_gbps, stand_in.world,
                              f"{stand_in.source} ({stand_in.op} standing in)")
         return self.fabric
