@@ -16,7 +16,9 @@ from opbench.analyze.pareto import SloError
 from opbench.spec.models import ZOO, ConfigError, get_model
 from opbench.analyze.runs import RunError
 from opbench.measure.selection import PROFILES
-from opbench.ops.dtypes import DTYPES
+from opbench.ops import get_family
+from opbench.ops.collective import is_collective
+from opbench.ops.dtypes import DTYPES, get_dtype
 from opbench.text import OutputError, table_lines
 from opbench.spec.workload import WORKLOAD_SYNTAX, PlanError, parse_workload
 from opbench.spec.plan import plan
@@ -42,12 +44,27 @@ def _plan(args) -> None:
         json.dump(p.to_dict(), sys.stdout, indent=1)
         print()
         return
-    print(f"{p.name}: {p.model.layers} layers; per GPU at tp={p.workload.tp}")
-    rows = [("role", "op", "pass", "count", "scope", "shape")]
+    w = p.workload
+    kinds = ", ".join(f"{n} {kind}" for kind, n in p.kinds().items())
+    print(f"{p.name}: {p.model.layers} layers ({kinds}); per GPU at tp={w.tp}"
+          + (f", ep={w.ep} ({w.gpus} GPUs)" if w.ep > 1 else "") + (f", routing skew {w.skew:g}" if w.skew else ""))
+    rows = [("role", "op", "pass", "count", "layers", "shape")]
+    details: dict[tuple, list[str]] = {}  # what a shape derives (ragged rows per expert, all-to-all splits)
     for c in p.calls:
         shape = " ".join(f"{k}={v}" for k, v in asdict(c.shape).items())
-        rows.append((c.role, c.op, c.pass_, c.count, c.scope, shape))
+        rows.append((c.role, c.op, c.pass_, c.count, f"{c.layers} {c.kind}" if c.scope == "layer" else "model",
+                     shape))
+        if get_family(c.op).describe is not None:
+            roles = details.setdefault((c.op, c.shape), [])
+            roles += [c.role] if c.role not in roles else []
     print("\n".join(table_lines(rows)))
+    for (op, shape), roles in details.items():
+        family = get_family(op)
+        text = family.describe(shape)
+        if is_collective(op):
+            dtype = get_dtype(family.case_dtype(w.dtype))
+            text += f"; S = {family.bytes(shape, dtype, 'fwd')} B in {dtype.name} (the busiest rank's buffer)"
+        print(f"{', '.join(roles)} ({op} {family.id_of(shape)}): {text}")
     for f in p.fusions:
         print(f"fusable: {f.label}")
 
@@ -72,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="profiles: " + "; ".join(f"{p.name}: {p.about}" for p in PROFILES.values()))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("models", help="list the built-in model zoo").set_defaults(func=_models)
-    p = sub.add_parser("plan", help="print the op calls of one decoder layer plus embedding and LM head")
+    p = sub.add_parser("plan", help="print the op calls of each kind of decoder layer plus embedding and LM head")
     p.add_argument("model", help="a zoo name or a Hugging Face config.json path")
     p.add_argument("workload", help=f"{WORKLOAD_SYNTAX}, e.g. decode:b=32,s=4096,tp=8")
     p.add_argument("--dtype", default="bf16", help=f"workload dtype: {', '.join(DTYPES)} (default bf16)")

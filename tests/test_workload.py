@@ -3,7 +3,7 @@ import pytest
 from opbench.spec.models import ZOO
 from opbench.ops.attention import AttentionShape
 from opbench.ops.collective import CollectiveShape
-from opbench.ops.gemm import GemmShape
+from opbench.ops.grouped_gemm import GroupedGemmShape
 from opbench.spec.workload import PlanError, Workload, parse_workload
 from opbench.spec.plan import plan
 
@@ -119,9 +119,10 @@ def test_sliding_window_and_moe():
     short = plan(ZOO["mistral-7b"], Workload("prefill", batch=1, seq_len=1024))
     assert only(short, "attention").shape.window == 0  # a window longer than the sequence changes nothing
     x = plan(ZOO["mixtral-8x7b"], Workload("prefill", batch=1, seq_len=1000))
-    g = {c.role: c for c in x.calls if c.op == "gemm"}
-    assert (g["moe.router"].shape.n, g["mlp.gate_up"].count) == (8, 8)
-    assert g["mlp.gate_up"].shape == GemmShape(250, 2 * 14336, 4096)  # 1000 tokens x top-2 / 8 experts
+    g = {c.role: c for c in x.calls if c.op in ("gemm", "grouped_gemm")}
+    assert (g["moe.route.router"].shape.n, g["moe.expert.gate_up"].count) == (8, 1)
+    # one grouped GEMM over 1000 tokens x top-2 copies, ragged over the 8 experts (tests/test_moe_plan.py)
+    assert g["moe.expert.gate_up"].shape == GroupedGemmShape(1000, 8, 2, 1, 2 * 14336, 4096)
 
 
 def test_finetune_freezes_base_weights_and_adds_adapters():

@@ -15,7 +15,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-from opbench.ops.collective import COLLECTIVES, busbw_factor
+from opbench.ops.collective import COLLECTIVES, UNEVEN, busbw_factor
 
 
 @dataclass(frozen=True)
@@ -101,9 +101,11 @@ class FabricProfile:
     busbw_gbps: dict[str, float]  # per op
 
     def alpha_beta(self, op: str) -> AlphaBeta:
-        if op not in self.busbw_gbps:
+        """The profile's figures for op; an uneven all-to-all runs on the same links as the even one."""
+        figure = op if op in self.busbw_gbps else UNEVEN.get(op)
+        if figure not in self.busbw_gbps:
             raise KeyError(f"profile {self.name} has no figure for {op} (it has: {', '.join(self.busbw_gbps)})")
-        return AlphaBeta(op, self.alpha_s, self.busbw_gbps[op], self.world, f"profile {self.name}")
+        return AlphaBeta(op, self.alpha_s, self.busbw_gbps[figure], self.world, f"profile {self.name}")
 
 
 def _same_for_all(busbw: float, **overrides: float) -> dict[str, float]:

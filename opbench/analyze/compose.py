@@ -24,13 +24,13 @@ from dataclasses import dataclass
 
 from opbench.measure.cases import case_dtype
 from opbench.measure.selection import measure_command
-from opbench.analyze.alphabeta import Fit, get_profile, predict
+from opbench.analyze.alphabeta import AlphaBeta, Fit, get_profile, predict
 from opbench.ops.backends import GROUPS, describe_patterns, unknown_patterns
 from opbench.ops.backends import backend_filter as patterns_filter
 from opbench.ops.dtypes import get_dtype
 from opbench.ops import FAMILIES, get_family
 from opbench.ops.base import shape_dict
-from opbench.ops.collective import COLLECTIVES
+from opbench.ops.collective import UNEVEN, is_collective
 from opbench.record import OpCase
 from opbench.spec.plan import OpCall, Plan
 
@@ -38,10 +38,13 @@ SOURCES = ("measured", "interpolated", "modeled")
 EXECUTION_MODES = ("graph", "eager")  # CUDA graphs (device time) or eager launches (at least host_s per call)
 
 # Module of a call, by the first part of its role (LoRA adapters count with the layer they adapt).
-MODULE_ORDER = ("attention", "mlp", "norms+residuals", "communication", "embedding+head", "optimizer", "other")
-MODULES = {"attn": "attention", "mlp": "mlp", "moe": "mlp", "norm": "norms+residuals",
-           "residual": "norms+residuals", "tp": "communication", "dp": "communication", "embed": "embedding+head",
-           "lm_head": "embedding+head", "loss": "embedding+head", "optim": "optimizer"}
+# Two-part prefixes are looked up before the first part alone: MoE routing and permutation ("moe.route.*")
+# form a module of their own beside the experts' GEMMs.
+MODULE_ORDER = ("attention", "mlp", "moe routing", "norms+residuals", "communication", "embedding+head", "optimizer",
+                "other")
+MODULES = {"attn": "attention", "mlp": "mlp", "moe": "mlp", "moe.route": "moe routing", "norm": "norms+residuals",
+           "residual": "norms+residuals", "tp": "communication", "dp": "communication", "ep": "communication",
+           "embed": "embedding+head", "lm_head": "embedding+head", "loss": "embedding+head", "optim": "optimizer"}
 
 
 class MissingMeasurement(LookupError):
@@ -90,11 +93,18 @@ class CallTime:
     source: str  # measured | interpolated | modeled
     backend: str | None
     energy_j: float | None = None  # one call
+    layers: int = 1  # the layers the call repeats in (scope "model": 1)
+    kind: str = ""  # its kind of layer ("" for scope "model")
 
     @property
     def module(self) -> str:
-        head = self.role.split(".")[1] if self.role.startswith("lora.") else self.role.split(".")[0]
-        return MODULES.get(head, "other")
+        parts = self.role.split(".")[1:] if self.role.startswith("lora.") else self.role.split(".")
+        return MODULES.get(".".join(parts[:2]), MODULES.get(parts[0], "other"))
+
+    @property
+    def step_s(self) -> float:
+        """The call's time over one model step: count x layers x one call."""
+        return self.count * self.time_s * self.layers
 
 
 @dataclass(frozen=True)
@@ -104,27 +114,40 @@ class Breakdown:
     mode: str = "graph"  # the execution mode composed: graph (device times) or eager (host launch floor)
     fused: tuple[str, ...] = ()  # the fusions applied (Fusion.label): which calls a fused kernel replaced
 
+    def kinds(self) -> dict[str, tuple[int, float]]:
+        """Each kind of layer: (its layers, the time of one such layer)."""
+        out: dict[str, tuple[int, float]] = {}
+        for c in self.calls:
+            if c.scope == "layer":
+                layers, s = out.get(c.kind, (c.layers, 0.0))
+                out[c.kind] = (layers, s + c.count * c.time_s)
+        return out
+
     @property
     def layer_s(self) -> float:
-        return sum(c.count * c.time_s for c in self.calls if c.scope == "layer")
+        """One decoder layer; the mean over the layers where their kinds differ."""
+        kinds = self.kinds()
+        if len(kinds) == 1:
+            return next(iter(kinds.values()))[1]
+        return sum(n * s for n, s in kinds.values()) / self.plan.model.layers if kinds else 0.0
 
     @property
     def total_s(self) -> float:
-        """One model step: every layer plus the model-scope calls."""
-        return self.plan.model.layers * self.layer_s + sum(c.count * c.time_s for c in self.calls if c.scope == "model")
+        """One model step: every layer of every kind plus the model-scope calls."""
+        return (sum(n * s for n, s in self.kinds().values())
+                + sum(c.count * c.time_s for c in self.calls if c.scope == "model"))
 
     @property
     def energy_j(self) -> float | None:
         if any(c.energy_j is None for c in self.calls):
             return None
-        per_layer = sum(c.count * c.energy_j for c in self.calls if c.scope == "layer")
-        return self.plan.model.layers * per_layer + sum(c.count * c.energy_j for c in self.calls if c.scope == "model")
+        return sum(c.count * c.energy_j * c.layers for c in self.calls)
 
     def modules_s(self) -> dict[str, float]:
         """Time per module over one model step."""
         out: dict[str, float] = defaultdict(float)
         for c in self.calls:
-            out[c.module] += c.count * c.time_s * (self.plan.model.layers if c.scope == "layer" else 1)
+            out[c.module] += c.step_s
         return dict(out)
 
     @property
@@ -143,21 +166,28 @@ class Breakdown:
             "plan": self.plan.name,
             "mode": self.mode,
             "layer_s": self.layer_s,
+            "kinds": {k: {"layers": n, "time_s": s} for k, (n, s) in self.kinds().items()},
             "total_s": total,
             "energy_j": self.energy_j,
             "modules": {m: {"time_s": t, "share": t / total if total else 0.0} for m, t in self.modules_s().items()},
             "sources": self.sources(),
             "fused": list(self.fused),
             "calls": [{"role": c.role, "op": c.op, "pass": c.pass_, "count": c.count, "scope": c.scope,
-                       "time_s": c.time_s, "source": c.source, "backend": c.backend, "energy_j": c.energy_j}
+                       "time_s": c.time_s, "source": c.source, "backend": c.backend, "energy_j": c.energy_j,
+                       "layers": c.layers, "kind": c.kind}
                       for c in self.calls],
         }
 
     @classmethod
     def from_dict(cls, d: dict, plan: Plan) -> Breakdown:
         """A breakdown as the JSON's opbench.breakdowns holds it, for its plan."""
+        # the plan's calls give the layers and kinds of breakdowns written before layer kinds
+        where = {(p.role, p.op, p.pass_): (p.layers, p.kind) for p in plan.calls}
         calls = tuple(CallTime(c["role"], c["op"], c["pass"], c["count"], c["scope"], c["time_s"], c["source"],
-                               c["backend"], c.get("energy_j")) for c in d["calls"])
+                               c["backend"], c.get("energy_j"),
+                               *((c["layers"], c["kind"]) if "layers" in c else
+                                 where.get((c["role"], c["op"], c["pass"]), (1, ""))))
+                      for c in d["calls"])
         return cls(plan, calls, d.get("mode", "graph"), tuple(d.get("fused", ())))
 
 
@@ -207,9 +237,11 @@ class Composer:
         exact = self._exact.get((op, key, dtype, pass_))
         if exact is not None:
             return self._call_s(exact), "measured", exact.backend, _energy_j(exact)
-        if op in COLLECTIVES:
-            fields = dict(key)
-            return self.collective(op, fields["size_bytes"], fields["world"], dtype) + (None,)
+        if is_collective(op):
+            family = get_family(op)
+            shape = family.shape_type(**dict(key))
+            size = family.bytes(shape, get_dtype(dtype), pass_)  # the nccl-tests buffer S
+            return self.collective(op, size, shape.world, dtype) + (None,)
         interpolated = self._interpolate(op, key, dtype, pass_)
         if interpolated is not None:
             return interpolated + (None,)
@@ -223,15 +255,24 @@ class Composer:
 
     def collective(self, op: str, size_bytes: int, world: int, dtype: str) -> tuple[float, str, str]:
         """(seconds, "modeled", what modeled it) for one collective call: the alpha-beta fit of the op
-        and dtype, else the op's fit of another dtype (labelled so), else the fabric profile."""
-        fit = self.fits.get((op, dtype))
-        label = fit.source if fit else ""
-        if fit is None:
-            fit = next((f for (o, _), f in self.fits.items() if o == op), None)
-            label = f"{fit.source}; its {fit.dtype} fit stands for {dtype}" if fit else ""
+        and dtype, else the op's fit of another dtype (labelled so); for the uneven all-to-all, whose
+        own fit has no bandwidth (the plans' few sizes), the even all-to-all's; else the fabric profile."""
+        fit, label = self._fit_of(op, dtype)
+        if op in UNEVEN and (fit is None or fit.busbw_gbps is None):
+            stand_in, stand_label = self._fit_of(UNEVEN[op], dtype)
+            if stand_in is not None and stand_in.busbw_gbps is not None:
+                fit = AlphaBeta(op, stand_in.alpha_s, stand_in.busbw_gbps, stand_in.world, stand_in.source)
+                label = f"{stand_label} ({stand_in.op} standing in)"
         if fit is None:
             fit, label = self.fabric, f"profile {self.fabric.name}"
         return predict(op, size_bytes, world, fit), "modeled", label
+
+    def _fit_of(self, op: str, dtype: str) -> tuple[Fit | None, str]:
+        fit = self.fits.get((op, dtype))
+        if fit is not None:
+            return fit, fit.source
+        fit = next((f for (o, _), f in self.fits.items() if o == op), None)
+        return fit, (f"{fit.source}; its {fit.dtype} fit stands for {dtype}" if fit else "")
 
     def collective_s(self, op: str, size_bytes: int, world: int, dtype: str = "bf16") -> float:
         """One collective call by the alpha-beta model (gradients are reduced in bf16 unless told)."""
@@ -292,7 +333,8 @@ class Composer:
             except MissingMeasurement:
                 missing.setdefault(c.op, []).append(c.role)
                 continue
-            calls.append(CallTime(c.role, c.op, c.pass_, c.count, c.scope, t, source, backend, energy))
+            calls.append(CallTime(c.role, c.op, c.pass_, c.count, c.scope, t, source, backend, energy, c.layers,
+                                  c.kind))
         if missing:
             what = "; ".join(f"{op} ({', '.join(dict.fromkeys(roles))})" for op, roles in missing.items())
             unmeasurable = [op for op in missing if op not in FAMILIES]

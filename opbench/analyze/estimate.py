@@ -11,7 +11,7 @@ from opbench.analyze.compose import Breakdown, CallTime, Composer
 from opbench.ops.dtypes import DTYPES
 from opbench.spec.models import ModelConfig
 from opbench.spec.workload import Workload
-from opbench.spec.plan import plan
+from opbench.spec.plan import layer_params_per_gpu, plan
 
 HELM_PROMPT_TOKENS = (1, 16, 32, 64, 128, 256, 512, 1024, 1536, 2048)
 
@@ -42,7 +42,8 @@ class Memory:
 
 
 def memory(model: ModelConfig, w: Workload, recompute: bool = False) -> Memory:
-    """Weights at the workload dtype's storage bits; KV cache of batch x length in the activation
+    """Weights at the workload dtype's storage bits (a mixture of experts: every expert's, those of
+    the GPU's ep share under expert parallelism); KV cache of batch x length in the activation
     dtype; in training bf16 gradients, fp32 AdamW state with fp32 master weights (12 B/param), and
     stored activations per Korthikanti et al. 2022 (arXiv 2205.05198) with attention scores never
     materialised: s*b*h*(10 + 24/tp) bytes per layer, or with full recomputation each layer's
@@ -50,6 +51,9 @@ def memory(model: ModelConfig, w: Workload, recompute: bool = False) -> Memory:
     dtype = DTYPES[w.dtype]
     tp, act = w.tp, dtype.activation
     weights = dtype.bytes_of(model.params) // tp
+    if model.moe and w.ep > 1:
+        layers = sum(layer_params_per_gpu(model, w, model.moe_layer(i)) for i in range(model.layers))
+        weights = dtype.bytes_of(layers + model.embedding_params // tp)
     kv_heads = max(1, model.kv_heads // tp)
     contexts = w.batch * (w.seq_len + w.min_context if w.min_context else 2 * w.seq_len) // 2  # mean x batch
     kv = act.bytes_of(2 * model.layers * kv_heads * model.head_dim * contexts)
@@ -64,30 +68,32 @@ def memory(model: ModelConfig, w: Workload, recompute: bool = False) -> Memory:
 
 def trained_params(model: ModelConfig, w: Workload) -> int:
     """Parameters one GPU updates per step: what the plan's optimizer calls cover."""
-    return sum(c.shape.params * (model.layers if c.scope == "layer" else 1)
-               for c in plan(model, w).calls if c.op == "adamw")
+    return sum(c.shape.params * c.layers for c in plan(model, w).calls if c.op == "adamw")
 
 
 def fewest_gpus(model: ModelConfig, w: Workload, gpu_memory_bytes: int, usable: float = 0.9,
                 recompute: bool = False) -> int | None:
-    """The smallest tensor-parallel degree (a power of two dividing the heads) whose per-GPU memory
-    fits in `usable` of a GPU; None if even the largest such degree does not fit."""
-    tp = 1
-    while model.heads % tp == 0:
+    """The fewest GPUs whose per-GPU memory fits in `usable` of a GPU: the smallest tensor-parallel
+    degree (a power of two dividing the heads), or, for a workload with expert parallelism, the
+    smallest expert-parallel degree (a power of two dividing the experts, at the workload's tp);
+    None if even the largest such degree does not fit."""
+    spread = "ep" if w.ep > 1 else "tp"
+    n = w.tp if spread == "ep" else 1
+    while (model.experts if spread == "ep" else model.heads) % n == 0:
         try:
-            need = memory(model, replace(w, tp=tp), recompute).total_bytes
+            need = memory(model, replace(w, **{spread: n}), recompute).total_bytes
         except ValueError:
             need = math.inf
         if need <= usable * gpu_memory_bytes:
-            return tp
-        tp *= 2
+            return replace(w, **{spread: n}).gpus
+        n *= 2
     return None
 
 
 def model_flops_per_token(model: ModelConfig, seq_len: int) -> int:
     """PaLM's (Chowdhery et al. 2022, appendix B) training FLOPs per token: 6N + 12 L H Q T, N the
-    non-embedding parameters."""
-    n = model.layers * model.params_per_layer
+    non-embedding parameters a token uses (a mixture of experts: its routed experts', not all)."""
+    n = sum(model.layer_params(i, active=True) for i in range(model.layers))
     return 6 * n + 12 * model.layers * model.heads * model.head_dim * seq_len
 
 
@@ -128,8 +134,8 @@ def compose_estimate(breakdown: Breakdown, *, peak_flops: float | None = None, t
     if w.training:
         breakdown = _training_extras(breakdown, train, collective_s)
     total_s = breakdown.total_s
-    gpus = w.tp * (train.dp if w.training else 1)
-    tokens = w.batch if w.phase == "decode" else w.batch * w.seq_len
+    gpus = w.gpus * (train.dp if w.training else 1)
+    tokens = (w.batch if w.phase == "decode" else w.batch * w.seq_len) * w.replicas
     tokens_per_s = tokens * (train.dp if w.training else 1) / total_s
     mfu = None
     if w.training and peak_flops:
@@ -151,11 +157,10 @@ def _training_extras(b: Breakdown, opts: TrainOptions, collective_s: CollectiveT
         if collective_s is None:
             raise ValueError("data-parallel estimates need a collective model (a measured fit or a fabric profile)")
         model, w = b.plan.model, b.plan.workload
-        grad_bytes = 2 * (model.params // w.tp)
+        grad_bytes = 2 * (model.params // w.tp if w.ep == 1 else trained_params(model, w))
         comm = collective_s("allreduce", grad_bytes, opts.dp)
         if opts.overlap:
-            backward = sum(c.count * c.time_s * (model.layers if c.scope == "layer" else 1)
-                           for c in b.calls if c.pass_ in ("dgrad", "wgrad", "bwd"))
+            backward = sum(c.step_s for c in b.calls if c.pass_ in ("dgrad", "wgrad", "bwd"))
             comm = max(0.0, comm - backward)
         calls.append(CallTime("dp.allreduce.grads", "allreduce", "fwd", 1, "model", comm, "modeled", None))
     return replace(b, calls=tuple(calls))
@@ -163,14 +168,15 @@ def _training_extras(b: Breakdown, opts: TrainOptions, collective_s: CollectiveT
 
 def idealized_runtime(composer: Composer, model: ModelConfig, *, tp: int = 1, dtype: str = "bf16",
                       decode_context: int = 1024, prompt_tokens=HELM_PROMPT_TOKENS,
-                      cost_aware: bool = False) -> dict:
+                      cost_aware: bool = False, ep: int = 1) -> dict:
     """HELM's idealized runtime: runtime(p, o) = prompt_cost(p) + (o - 1) x per_output_token, at batch
     1. The per-token cost is a decode step at `decode_context` tokens of context. cost_aware
-    multiplies by the GPUs used (the tensor-parallel degree)."""
-    scale = tp if cost_aware else 1
+    multiplies by the GPUs used (the tensor-parallel degree, or the expert-parallel one)."""
+    scale = Workload("decode", 1, 1, tp=tp, ep=ep).gpus if cost_aware else 1
 
     def seconds(phase: str, length: int) -> float:
-        return composer.compose(plan(model, Workload(phase, 1, length, tp=tp, dtype=dtype))).total_s * scale
+        w = Workload(phase, 1, length, tp=tp, dtype=dtype, ep=ep)
+        return composer.compose(plan(model, w)).total_s * scale
 
     prompts = [p for p in prompt_tokens if p <= model.max_seq_len]
     return {

@@ -76,6 +76,8 @@ def add_command(sub) -> None:
                    help="prompt length (prefill), context length incl. the new token (decode), sequence length "
                         "(train, finetune)")
     p.add_argument("--lora-rank", type=positive(int), default=16, help="finetune: the adapters' rank (default 16)")
+    p.add_argument("--skew", type=float, default=0.0,
+                   help="mixtures of experts: the routing's Zipf exponent over the experts (default 0, uniform)")
     p.add_argument("--recompute", action="store_true", help="train: full activation recomputation (a second "
                                                             "forward; only each layer's input is kept)")
     p.add_argument("--dp", type=positive(int), default=1, help="train: data-parallel replicas (gradient all-reduce)")
@@ -90,6 +92,9 @@ def add_command(sub) -> None:
 def model_options(p) -> None:
     p.add_argument("--model", required=True, help="a zoo name or a Hugging Face config.json path")
     p.add_argument("--tp", type=positive(int), default=1, help="tensor-parallel degree (default 1)")
+    p.add_argument("--ep", type=positive(int), default=1,
+                   help="mixtures of experts: expert-parallel GPUs, a multiple of --tp (default 1); the all-to-alls "
+                        "come from --collectives' fits or the --fabric profile")
     p.add_argument("--dtype", default="bf16", help="workload dtype (default bf16)")
     p.add_argument("--policy", default="fastest",
                    help=f"backends to compose from: {', '.join(POLICIES)} (default fastest), or a backend's name "
@@ -128,7 +133,8 @@ def composer_from_args(args) -> tuple[Run, Composer]:
 def _estimate_command(args) -> int:
     run, composer = composer_from_args(args)
     model = get_model(args.model)
-    w = Workload(args.phase, args.batch, args.context, tp=args.tp, dtype=args.dtype, lora_rank=args.lora_rank)
+    w = Workload(args.phase, args.batch, args.context, tp=args.tp, dtype=args.dtype, lora_rank=args.lora_rank,
+                 ep=args.ep, skew=args.skew)
     sheet = datasheet_for((used_gpu(run.machine_info) or {}).get("name"))
     peak = sheet.matmul_tflops.get(args.dtype) if sheet else None
     train = TrainOptions(recompute=args.recompute, dp=args.dp, overlap=not args.no_overlap)

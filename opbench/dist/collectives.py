@@ -38,10 +38,11 @@ from opbench.ops import get_family
 from opbench.ops.base import shape_dict
 from opbench.ops.collective import (
     COLLECTIVES,
+    UNEVEN,
+    AllToAllVShape,
     CollectiveShape,
     busbw_factor,
     message_bytes,
-    shape_id,
 )
 from opbench.ops.dtypes import get_dtype
 from opbench.record import CollectiveCase, Gate
@@ -78,13 +79,18 @@ def plan_messages(plan: Plan, world: int) -> list[tuple[str, int, str]]:
            if isinstance(c.shape, CollectiveShape) and c.shape.world == world]
     if w.training and w.tp == 1 and world > 1:
         grad_bytes = get_dtype(get_family("allreduce").case_dtype(w.dtype)).bytes  # fp8 training reduces bf16
-        layer = sum(c.shape.params for c in plan.calls if c.op == "adamw" and c.scope == "layer")
-        everything = sum(c.shape.params * (plan.model.layers if c.scope == "layer" else 1)
-                         for c in plan.calls if c.op == "adamw")
+        layer = max(c.shape.params for c in plan.calls if c.op == "adamw" and c.scope == "layer")  # the largest kind
+        everything = sum(c.shape.params * c.layers for c in plan.calls if c.op == "adamw")
         out += [("allreduce", min(GRADIENT_BUCKET_BYTES, everything * grad_bytes), "dp.allreduce.bucket"),
                 ("reducescatter", layer * grad_bytes, "zero.reducescatter.layer"),
                 ("allgather", layer * grad_bytes, "zero.allgather.layer")]
     return out
+
+
+def plan_uneven_messages(plan: Plan, world: int) -> list[tuple[AllToAllVShape, str]]:
+    """(shape, role) of the expert-parallel dispatch and combine all-to-alls a plan pays among `world`
+    ranks: its ep degree's, when that is the world."""
+    return [(c.shape, c.role) for c in plan.calls if c.op in UNEVEN and c.shape.world == world]
 
 
 def collective_cases(selection: Selection, world: int, backend: str) -> list[Case]:
@@ -106,6 +112,13 @@ def collective_cases(selection: Selection, world: int, backend: str) -> list[Cas
             for size in sweep_sizes(selection.profile.collective_max_bytes):
                 wanted.setdefault((op, dtype, size), [])
     cases: dict[tuple, Case] = {}
+    for p in selection.plans:
+        for shape, role in plan_uneven_messages(p, world):
+            dtype = get_family("alltoallv").case_dtype(p.workload.dtype)
+            label = f"{p.model.name}/{p.workload.phase}/{role}"
+            known = cases[("alltoallv", dtype, shape)].roles if ("alltoallv", dtype, shape) in cases else ()
+            cases[("alltoallv", dtype, shape)] = Case("alltoallv", shape, dtype, "fwd", backend,
+                                                      known + ((label,) if label not in known else ()))
     for (op, dtype, size), roles in wanted.items():
         shape = CollectiveShape(message_bytes(op, size, world, get_dtype(dtype).bytes), world)
         if shape.size_bytes == 0:
@@ -113,8 +126,9 @@ def collective_cases(selection: Selection, world: int, backend: str) -> list[Cas
         known = cases[(op, dtype, shape)].roles if (op, dtype, shape) in cases else ()  # sizes that round alike
         cases[(op, dtype, shape)] = Case(op, shape, dtype, "fwd", backend,
                                          known + tuple(r for r in roles if r not in known))
-    order = {op: i for i, op in enumerate(COLLECTIVES)}
-    return sorted(cases.values(), key=lambda c: (order[c.op], c.dtype, c.shape.size_bytes))
+    order = {op: i for i, op in enumerate(COLLECTIVES + tuple(UNEVEN))}
+    return sorted(cases.values(), key=lambda c: (order[c.op], c.dtype, get_family(c.op).bytes(
+        c.shape, get_dtype(c.dtype), c.pass_), shape_dict(c.shape)))
 
 
 def nccl_version() -> tuple[int, ...] | None:
@@ -166,12 +180,12 @@ def run_collective_case(benchmark, case: Case, settings: RunSettings, world: Wor
     family = get_family(case.op)
     backend = family.backends[case.backend]
     dtype = get_dtype(case.dtype)
-    shape: CollectiveShape = case.shape
+    shape = case.shape  # CollectiveShape, or AllToAllVShape for the uneven all-to-all
     record = CollectiveCase(op=case.op, backend=case.backend, dtype=case.dtype, pass_=case.pass_,
                             shape=shape_dict(shape), roles=tuple(case.roles),
                             bytes=family.bytes(shape, dtype, case.pass_), impl=backend.impl, world=world.size,
                             busbw_factor=busbw_factor(case.op, shape.world), graph=graph)
-    with world.guard(f"{case.op} {shape_id(shape)} {case.dtype}"):
+    with world.guard(f"{case.op} {family.id_of(shape)} {case.dtype}"):
         _skip_on_all_ranks(world, backend.requires(shape, dtype, settings.device))
         inputs, reason = None, None
         try:
@@ -290,7 +304,8 @@ def summary_lines(timed: list[CollectiveCase], fits: list[Fit], world: str) -> l
     rows = [("op", "size", "dtype", "median", "algbw GB/s", "busbw GB/s", "rank spread", "serves")]
     for r in timed:
         spread = r.rank_spread
-        rows.append((r.op + (" (graph)" if r.graph else ""), shape_id(CollectiveShape(**r.shape)), r.dtype,
+        family = get_family(r.op)
+        rows.append((r.op + (" (graph)" if r.graph else ""), family.id_of(family.shape_type(**r.shape)), r.dtype,
                      format_seconds(r.median_s),
                      f"{r.algbw_gbps:.4g}", f"{r.busbw_gbps:.4g}", f"{spread:.1%}" if spread is not None else "-",
                      roles_cell(r.roles, none="sweep")))

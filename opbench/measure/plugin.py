@@ -71,7 +71,8 @@ def pytest_addoption(parser):
     group.addoption("--workload", action="append", metavar=WORKLOAD_SYNTAX,
                     help="workload to plan, e.g. prefill:b=1,s=2048 or decode:b=32,s=4096,tp=8 "
                          "(s: prompt, context or sequence length; smin: a decode batch's shortest context, the "
-                         "others spread evenly up to s; r: LoRA rank for finetune); repeat for several. "
+                         "others spread evenly up to s; ep: expert-parallel GPUs; skew: the routing's Zipf "
+                         "exponent; r: LoRA rank for finetune); repeat for several. "
                          "Default: the profile's workloads.")
     group.addoption("--dtype", action="append", metavar="DTYPE",
                     help=f"dtypes to run: {', '.join(DTYPES)} (comma-separated or repeated). "

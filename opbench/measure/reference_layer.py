@@ -2,7 +2,10 @@
 
 Timed as one unit (bench/test_layer.py) to check what composition predicts from the op-by-op cases.
 Shapes are one GPU's under tensor parallelism; the all-reduces are left out, as one GPU cannot run
-them, and composition leaves them out of the comparison too.
+them, and composition leaves them out of the comparison too. A layer is built for one kind of layer
+(attention full or in a window, MLP dense or a mixture of experts); the mixture runs the eager ops
+the MoE cases time: router, routing, permutation, grouped GEMMs, un-permutation with the weighted
+combine, and shared experts as a dense MLP.
 """
 
 from __future__ import annotations
@@ -13,6 +16,10 @@ from torch import nn
 
 from opbench.spec.models import ModelConfig
 from opbench.spec.workload import Workload
+from opbench.ops.grouped_gemm import grouped_linear
+from opbench.ops.moe_permute import permute
+from opbench.ops.moe_route import route
+from opbench.ops.moe_unpermute import combine
 from opbench.spec.plan import shard
 
 ACTIVATIONS = {"swiglu": F.silu, "geglu": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu}
@@ -20,8 +27,10 @@ ACTIVATIONS = {"swiglu": F.silu, "geglu": lambda x: F.gelu(x, approximate="tanh"
 
 def supported(model: ModelConfig) -> str | None:
     """Why the reference layer cannot stand for this model, or None."""
-    if model.experts > 1:
-        return "mixture-of-experts layers have no reference layer (expert routing is data-dependent)"
+    if model.mla:
+        return "multi-head latent attention has no reference layer"
+    if model.attention_sinks:
+        return "attention sinks have no reference layer"
     return None
 
 
@@ -40,18 +49,77 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: 
     return x * cos + rotated * sin
 
 
-class ReferenceLayer(nn.Module):
+class MLP(nn.Module):
+    def __init__(self, model: ModelConfig, width: int):
+        super().__init__()
+        self.gated = model.gated
+        self.gate_up = nn.Linear(model.hidden, (2 if model.gated else 1) * width, bias=False)
+        self.down = nn.Linear(width, model.hidden, bias=False)
+        self.act = ACTIVATIONS[model.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up = self.gate_up(x)
+        if self.gated:
+            gate, up = up.chunk(2, dim=-1)
+            return self.down(self.act(gate) * up)
+        return self.down(self.act(up))
+
+
+class MoE(nn.Module):
+    """Routed experts (their widths sharded by tp, as the plan has them without expert parallelism) and
+    shared experts. `pinned`: expert ids to use instead of the router's choice, so that a reference in
+    another precision follows the same routes (a near tie may otherwise pick another expert)."""
+
     def __init__(self, model: ModelConfig, tp: int = 1):
+        super().__init__()
+        h, ffn, experts = model.hidden, model.expert_ffn // tp, model.experts
+        self.model = model
+        self.router = nn.Linear(h, experts, bias=False)
+        self.w_gate_up = nn.Parameter(torch.randn(experts, (2 if model.gated else 1) * ffn, h) * h ** -0.5)
+        self.w_down = nn.Parameter(torch.randn(experts, h, ffn) * ffn ** -0.5)
+        self.act = ACTIVATIONS[model.activation]
+        self.shared = MLP(model, model.shared_experts * model.shared_ffn // tp) if model.shared_experts else None
+        self.pinned: torch.Tensor | None = None
+        self.chosen: torch.Tensor | None = None  # the ids of the last forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        k = self.model.experts_per_token
+        sigmoid = self.model.router == "sigmoid"
+        weights, ids = route(self.router(x), k, sigmoid, self.model.router_norm)
+        if self.pinned is not None:  # the pinned experts' weights, from this layer's own scores
+            scores = self.router(x)
+            scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+            scores = scores.sigmoid() if sigmoid else scores.softmax(dim=-1)
+            ids, weights = self.pinned, scores.gather(1, self.pinned)
+            weights = weights / weights.sum(dim=-1, keepdim=True) if self.model.router_norm else weights
+        self.chosen = ids
+        xs, row_of, offs = permute(x, ids, self.w_gate_up.shape[0])
+        up = grouped_linear(xs, self.w_gate_up, offs)
+        if self.model.gated:
+            gate, up = up.chunk(2, dim=-1)
+            hidden = self.act(gate) * up
+        else:
+            hidden = self.act(up)
+        out = combine(grouped_linear(hidden, self.w_down, offs), row_of, weights)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return out.view(shape)
+
+
+class ReferenceLayer(nn.Module):
+    def __init__(self, model: ModelConfig, tp: int = 1, kind: tuple[str, str] | None = None):
+        """kind: (attention "full" | "window", MLP "dense" | "moe"); default: the first layer's."""
         super().__init__()
         dims = shard(model, tp)
         self.model, self.heads, self.kv_heads = model, dims.heads, dims.kv_heads
+        self.kind = kind or next(iter(model.layer_kinds()))
         h, d = model.hidden, model.head_dim
         self.norm_input, self.norm_post_attn = _norm(model, h), _norm(model, h)
         self.qkv = nn.Linear(h, (dims.heads + 2 * dims.kv_heads) * d, bias=False)
         self.o = nn.Linear(dims.heads * d, h, bias=False)
-        self.gate_up = nn.Linear(h, (2 if model.gated else 1) * dims.ffn, bias=False)
-        self.down = nn.Linear(dims.ffn, h, bias=False)
-        self.act = ACTIVATIONS[model.activation]
+        self.mlp = MoE(model, tp) if self.kind[1] == "moe" else MLP(model, dims.ffn)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -74,25 +142,19 @@ class ReferenceLayer(nn.Module):
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and s > 1,
                                               enable_gqa=self.heads != self.kv_heads)
         x = x + self.o(attn.transpose(1, 2).reshape(b, s, self.heads * d))
-        up = self.gate_up(self.norm_post_attn(x))
-        if self.model.gated:
-            gate, up = up.chunk(2, dim=-1)
-            hidden = self.act(gate) * up
-        else:
-            hidden = self.act(up)
-        return x + self.down(hidden)
+        return x + self.mlp(self.norm_post_attn(x))
 
     def _mask(self, q_len: int, kv_len: int, device) -> torch.Tensor | None:
         """Causal, aligned bottom-right, within the sliding window if any. None where SDPA's own
         is_causal says the same (square, or one query), so fused kernels stay eligible."""
-        window = self.model.sliding_window
+        window = self.model.sliding_window if self.kind[0] == "window" else 0
         if (q_len == kv_len or q_len == 1) and not (window and window < kv_len):
             return None
         q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
         k_pos = torch.arange(kv_len, device=device)[None, :]
         mask = k_pos <= q_pos
-        if self.model.sliding_window:
-            mask &= k_pos > q_pos - self.model.sliding_window
+        if window:
+            mask &= k_pos > q_pos - window
         return mask
 
 
@@ -104,7 +166,10 @@ class ReferenceModel(nn.Module):
         super().__init__()
         dims = shard(model, tp)
         self.embed = nn.Embedding(dims.vocab, model.hidden)
-        self.layers = nn.ModuleList(ReferenceLayer(model, tp) for _ in range(model.layers))
+        self.layers = nn.ModuleList(
+            ReferenceLayer(model, tp, ("window" if model.window_layer(i) else "full",
+                                       "moe" if model.moe_layer(i) else "dense"))
+            for i in range(model.layers))
         self.norm = _norm(model, model.hidden)
         self.lm_head = nn.Linear(model.hidden, dims.vocab, bias=False)
 
@@ -143,3 +208,10 @@ def kv_cache(model: ModelConfig, w: Workload, dtype: torch.dtype, device: str):
         return None
     kv = shard(model, w.tp).kv_heads
     return tuple(torch.randn(w.batch, kv, w.seq_len, model.head_dim, device=device, dtype=dtype) for _ in range(2))
+
+
+def pin_routes(module: nn.Module, reference: nn.Module) -> None:
+    """Make every MoE block of `reference` follow the routes `module`'s blocks chose in their last forward."""
+    mine = [m for m in module.modules() if isinstance(m, MoE)]
+    for m, r in zip(mine, [m for m in reference.modules() if isinstance(m, MoE)]):
+        r.pinned = m.chosen

@@ -41,7 +41,11 @@ _FULL_MODELS = {"llama-2-7b": 1, "llama-2-70b": 8, "llama-3-8b": 1, "llama-3-70b
 PROFILES: dict[str, Profile] = {p.name: p for p in (
     Profile("smoke", tuple(("tiny", w) for w in ("prefill:b=2,s=96", "decode:b=4,s=200", "decode:b=4,s=200,smin=40",
                                                  "train:b=2,s=96"))
-            + (("tiny-alt", "train:b=2,s=96"), ("tiny-alt", "decode:b=2,s=150")),
+            + (("tiny-alt", "train:b=2,s=96"), ("tiny-alt", "decode:b=2,s=150"))
+            # a dense layer and a MoE layer; expert parallelism over two GPUs with skewed routing gives
+            # the collectives run its uneven all-to-all
+            + tuple(("tiny-moe", w) for w in ("prefill:b=2,s=96", "decode:b=4,s=200", "train:b=2,s=96",
+                                              "decode:b=4,s=200,ep=2,skew=1.2")),
             ("fp32", "bf16"), budget_s=0.02, min_rounds=3,
             about="the tiny models, fast on a CPU: checks that every case runs", collective_max_bytes=2**15,
             # fp16 rather than bf16: torch's CPU LayerNorm backward accumulates the bf16 weight
@@ -103,6 +107,7 @@ def select(*, profile: str | None, device: str, models: list[str] | None = None,
             get_dtype(d)
         model_names = _split(models)
         workload_texts = list(workloads or ())
+        workload_texts_given = bool(workload_texts)
         if model_names or workload_texts:
             model_names = model_names or list(dict.fromkeys(m for m, _ in prof.pairs))
             workload_texts = workload_texts or list(dict.fromkeys(w for _, w in prof.pairs))
@@ -114,7 +119,10 @@ def select(*, profile: str | None, device: str, models: list[str] | None = None,
         for model_name, text in pairs:
             model = configs.setdefault(model_name, get_model(model_name))
             for d in given_dtypes or prof.model_dtypes.get(model_name, prof.dtypes):
-                plans.append(plan(model, parse_workload(text, d)))
+                w = parse_workload(text, d)
+                if w.ep > 1 and not model.moe and not workload_texts_given:
+                    continue  # a profile's expert-parallel workload is for its mixtures of experts
+                plans.append(plan(model, w))
     except (ConfigError, PlanError, ValueError) as error:
         raise SelectionError(str(error)) from None
     return Selection(prof, device, tuple(plans), tuple(dict.fromkeys(p.workload.dtype for p in plans)),

@@ -50,8 +50,10 @@ def composition_lines(result: dict, device: str = "cuda") -> list[str]:
     for b, e in zip(result["breakdowns"], result["estimates"]):
         src = ", ".join(f"{n} {k}" for k, n in b["sources"].items() if n)
         phase = b["plan"].split("/")[1].split(":")[0]
-        lines.append(f"{b['plan']}: {_WHAT[phase]} {format_seconds(b['total_s'])} "
-                     f"(layer {format_seconds(b['layer_s'])}; calls: {src})")
+        kinds = b.get("kinds") or {}
+        layers = (", ".join(f"{k['layers']} {name} {format_seconds(k['time_s'])}" for name, k in kinds.items())
+                  if len(kinds) > 1 else f"layer {format_seconds(b['layer_s'])}")
+        lines.append(f"{b['plan']}: {_WHAT[phase]} {format_seconds(b['total_s'])} ({layers}; calls: {src})")
         modules = sorted(b["modules"].items(), key=lambda kv: -kv[1]["time_s"])
         lines.append("  " + " | ".join(f"{m} {format_seconds(v['time_s'])} {100 * v['share']:.1f}%"
                                        for m, v in modules))

@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from opbench.analyze.compose import Breakdown
 from opbench.ops.dtypes import get_dtype
 from opbench.ops.base import high_precision, high_precision_dtype
-from opbench.measure.reference_layer import (ReferenceLayer, ReferenceModel, kv_cache, layer_inputs, rope_tables,
-                                     supported)
+from opbench.measure.reference_layer import (ReferenceLayer, ReferenceModel, kv_cache, layer_inputs, pin_routes,
+                                             rope_tables, supported)
 from opbench.measure.gate import check, fail_unless_passed
 from opbench.measure.runner import finish, timed
 from opbench.measure.timing import RunSettings, measure_stream
 from opbench.record import UnitCase as Unit
-from opbench.spec.plan import Plan
+from opbench.spec.plan import Plan, kind_label
 
 WHOLE_MODEL_MAX_PARAMS = 1e9  # whole models are timed only when small (the tiny model on a CPU)
 EXCLUDED_MODULES = ("communication", "optimizer")  # one GPU's unit runs neither
@@ -30,7 +30,7 @@ EXCLUDED_MODULES = ("communication", "optimizer")  # one GPU's unit runs neither
 @dataclass(frozen=True)
 class UnitCase:
     plan: Plan
-    unit: str  # "layer" or "model"
+    unit: str  # "layer", "model", or "layer:KIND" ("layer:full/moe") for a model whose layers differ
 
     @property
     def id(self) -> str:
@@ -42,23 +42,35 @@ def unit_cases(plans) -> list[UnitCase]:
     cases = []
     for p in plans:
         # finetune adds adapters the reference layer lacks; a decode batch of mixed contexts needs
-        # per-sequence masks it does not build
-        if p.workload.phase == "finetune" or p.workload.min_context or supported(p.model):
+        # per-sequence masks it does not build; expert parallelism needs GPUs to dispatch to
+        w = p.workload
+        if w.phase == "finetune" or w.min_context or w.ep > 1 or supported(p.model):
             continue
-        cases.append(UnitCase(p, "layer"))
+        kinds = p.model.layer_kinds()
+        cases += [UnitCase(p, "layer" if len(kinds) == 1 else f"layer:{kind_label(*kind)}") for kind in kinds]
         if p.model.params <= WHOLE_MODEL_MAX_PARAMS:
             cases.append(UnitCase(p, "model"))
     return cases
 
 
+def unit_kind(unit: str) -> tuple[str, str] | None:
+    """The kind of layer a "layer:KIND" unit times, None for "layer" (the only kind) and "model"."""
+    if not unit.startswith("layer:"):
+        return None
+    attention, _, mlp = unit.removeprefix("layer:").partition("/")
+    return attention, mlp
+
+
 def composed_s(breakdown: Breakdown, unit: str) -> float:
     """What the unit should take by composition: the same calls, without the excluded modules."""
-    layers = breakdown.plan.model.layers
+    kind = unit_kind(unit)
     total = 0.0
     for c in breakdown.calls:
-        if c.module in EXCLUDED_MODULES or (unit == "layer" and c.scope == "model"):
+        if c.module in EXCLUDED_MODULES or (unit != "model" and c.scope == "model"):
             continue
-        total += c.count * c.time_s * (layers if unit == "model" and c.scope == "layer" else 1)
+        if kind is not None and c.kind != kind_label(*kind):
+            continue
+        total += c.count * c.time_s * (c.layers if unit == "model" else 1)
     return total
 
 
@@ -66,8 +78,8 @@ def _build(case: UnitCase, dtype: torch.dtype, device: str):
     """The module and a function running it once (forward, or forward and backward in training)."""
     model, w = case.plan.model, case.plan.workload
     train = w.phase == "train"
-    if case.unit == "layer":
-        module = ReferenceLayer(model, w.tp).to(device=device, dtype=dtype)
+    if case.unit != "model":
+        module = ReferenceLayer(model, w.tp, unit_kind(case.unit)).to(device=device, dtype=dtype)
         inp = layer_inputs(model, w, dtype, device)
         x = inp["x"].requires_grad_(train)
         args = (x, inp["rope"], inp["cache"])
@@ -111,8 +123,10 @@ def run_unit_case(benchmark, case: UnitCase, settings: RunSettings) -> Unit:
         with torch.no_grad():
             module, args, forward, run = _build(case, dtype.torch, settings.device)
             reference = copy.deepcopy(module).to(high_precision_dtype(settings.device))
+            out = forward(module, *args)
+            pin_routes(module, reference)  # the reference's experts are the unit's, near ties or not
             # a unit chains a dozen ops whose rounding errors add up: four times one op's tolerance
-            verdict = check(forward(module, *args), forward(reference, *_upcast(args)), 4 * dtype.tol)
+            verdict = check(out, forward(reference, *_upcast(args)), 4 * dtype.tol)
         del reference
         record = replace(record, correct=verdict)
         fail_unless_passed(verdict)

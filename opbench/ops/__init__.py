@@ -22,11 +22,17 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "cross_entropy": ("opbench.ops.embedding", "CROSS_ENTROPY"),
     "adamw": ("opbench.ops.optim", "ADAMW"),
     "kv_write": ("opbench.ops.kvcache", "KV_WRITE"),
+    "grouped_gemm": ("opbench.ops.grouped_gemm", "GROUPED_GEMM"),
+    "fused_moe": ("opbench.ops.fused_moe", "FUSED_MOE"),
+    "moe_route": ("opbench.ops.moe_route", "MOE_ROUTE"),
+    "moe_permute": ("opbench.ops.moe_permute", "MOE_PERMUTE"),
+    "moe_unpermute": ("opbench.ops.moe_unpermute", "MOE_UNPERMUTE"),
     "allreduce": ("opbench.ops.collective", "ALLREDUCE"),
     "allgather": ("opbench.ops.collective", "ALLGATHER"),
     "reducescatter": ("opbench.ops.collective", "REDUCESCATTER"),
     "alltoall": ("opbench.ops.collective", "ALLTOALL"),
     "broadcast": ("opbench.ops.collective", "BROADCAST"),
+    "alltoallv": ("opbench.ops.collective", "ALLTOALLV"),
 }
 
 

@@ -42,6 +42,8 @@ class OpFamily:
     shape_id: Callable[[Any], str] = None  # short, stable id of a shape; default: values joined by "x"
     backends: dict[str, Backend] = field(default_factory=dict)
     runs_in: str | None = None  # the one dtype the op runs in whatever the workload's (else: `dtypes`)
+    # what a shape holds but does not show (ragged sizes derived from it), for `opbench plan`; None: nothing
+    describe: Callable[[Any], str] | None = None
 
     def backend(self, name: str, *, impl: str, requires: Requires | None = None):
         """Decorator: register `prepare` as backend `name`."""

@@ -1,9 +1,11 @@
-"""Collectives over torch.distributed: all-reduce, all-gather, reduce-scatter, all-to-all, broadcast.
+"""Collectives over torch.distributed: all-reduce, all-gather, reduce-scatter, all-to-all, broadcast, and
+the uneven all-to-all of expert parallelism (alltoallv: all_to_all_single with split sizes).
 
 Sizes and bandwidths follow nccl-tests (NVIDIA/nccl-tests, doc/PERFORMANCE.md), so that a run can be
 set beside an nccl-tests run on the same machine:
   S      the full buffer: all-reduce and broadcast: the buffer; all-gather: the output (n chunks);
-         reduce-scatter: the input (n chunks); all-to-all: each rank's send (= receive) buffer
+         reduce-scatter: the input (n chunks); all-to-all: each rank's send (= receive) buffer;
+         uneven all-to-all: the largest send or receive buffer of any rank (the one the others wait for)
   algbw  S / t
   busbw  algbw x factor: all-reduce 2(n-1)/n; all-gather, reduce-scatter, all-to-all (n-1)/n; broadcast 1.
          In the ring algorithms this is what each rank's link carries per second, so it does not
@@ -22,6 +24,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from opbench.ops import routing
 from opbench.ops.dtypes import DType
 from opbench.ops.base import OpFamily, needs_cuda
 
@@ -40,7 +43,12 @@ _BUS_FACTORS = {
     "alltoall": lambda n: (n - 1) / n,
     "broadcast": lambda n: 1.0,
 }
-COLLECTIVES = tuple(_BUS_FACTORS)
+COLLECTIVES = tuple(_BUS_FACTORS)  # the ops a collectives run sweeps over sizes
+# The dispatch and combine of expert parallelism: each rank sends each other rank the token copies routed
+# to its experts, as many as the routing draw gives (opbench.ops.routing.ep_splits). Measured at the
+# plans' sizes only; its bus factor is the all-to-all's, and where no fit of it has a bandwidth, the
+# even all-to-all's fit or fabric figure stands in (opbench.analyze.compose).
+UNEVEN = {"alltoallv": "alltoall"}  # op -> the even op that stands in for it
 # ops whose buffer splits into one chunk per rank: S must be a multiple of n elements
 CHUNKED = ("allgather", "reducescatter", "alltoall")
 
@@ -48,7 +56,11 @@ CHUNKED = ("allgather", "reducescatter", "alltoall")
 def busbw_factor(op: str, world: int) -> float:
     """busbw / algbw: 2(n-1)/n for all-reduce, (n-1)/n for all-gather, reduce-scatter and all-to-all,
     1 for broadcast."""
-    return _BUS_FACTORS[op](world)
+    return _BUS_FACTORS[UNEVEN.get(op, op)](world)
+
+
+def is_collective(op: str) -> bool:
+    return op in _BUS_FACTORS or op in UNEVEN
 
 
 def algbw_gbps(size_bytes: int, time_s: float) -> float:
@@ -76,6 +88,47 @@ def shape_id(shape: CollectiveShape) -> str:
     return f"{size}B-n{shape.world}"
 
 
+@dataclass(frozen=True)
+class AllToAllVShape:
+    """The dispatch of `tokens` tokens per rank, each to top_k of `experts` experts spread evenly over the
+    `world` ranks; a row is `hidden` elements. The combine sends the same rows back (the transposed
+    splits, the same busiest buffer)."""
+    tokens: int
+    hidden: int
+    experts: int
+    top_k: int
+    world: int
+    seed: int = routing.ROUTING_SEED
+    skew_milli: int = 0
+
+
+def split_rows(shape: AllToAllVShape) -> tuple[tuple[int, ...], ...]:
+    """rows[r][j]: the rows rank r sends rank j."""
+    return routing.ep_splits(shape.tokens, shape.experts, shape.top_k, shape.world, shape.seed, shape.skew_milli)
+
+
+def alltoallv_bytes(shape: AllToAllVShape, dtype: DType, pass_: str = "fwd") -> int:
+    """S: the largest send or receive buffer of any rank, rows x hidden x element size."""
+    rows = split_rows(shape)
+    busiest = max(max(sum(r) for r in rows), max(sum(col) for col in zip(*rows)))
+    return busiest * shape.hidden * dtype.bytes
+
+
+def alltoallv_id(shape: AllToAllVShape) -> str:
+    """'t4-e8top2-192-n2', and '-zipf1.2' / '-seed3' where the draw is not the default."""
+    text = f"t{shape.tokens}-e{shape.experts}top{shape.top_k}-{shape.hidden}-n{shape.world}"
+    if shape.skew_milli:
+        text += f"-zipf{shape.skew_milli / 1000:g}"
+    return text + (f"-seed{shape.seed}" if shape.seed != routing.ROUTING_SEED else "")
+
+
+def describe_alltoallv(shape: AllToAllVShape) -> str:
+    rows = split_rows(shape)
+    received = [sum(col) for col in zip(*rows)]
+    return (f"rows each rank sends each rank {[list(r) for r in rows]}; received per rank {received} "
+            f"(even: {shape.tokens * shape.top_k})")
+
+
 def flops(shape: CollectiveShape, pass_: str = "fwd") -> int:
     """A collective is timed for the bytes it moves; the additions of a reduction are not counted."""
     return 0
@@ -98,12 +151,37 @@ def _rank_sum(world: int) -> int:
     return sum(r % 7 - 3 for r in range(world))
 
 
+def _device(device: str) -> torch.device:
+    return torch.device(device, torch.cuda.current_device()) if device == "cuda" else torch.device(device)
+
+
+def alltoallv_inputs(shape: AllToAllVShape, dtype: DType, pass_: str, device: str) -> dict:
+    """This rank's send buffer (its rows to every rank, in rank order), the receive buffer and the split
+    sizes in elements: rank r's input split j is rank j's output split r."""
+    rank, h = dist.get_rank(), shape.hidden
+    rows = split_rows(shape)
+    send_splits = [rows[rank][j] * h for j in range(shape.world)]
+    recv_splits = [rows[j][rank] * h for j in range(shape.world)]
+    dev = _device(device)
+    return {"rank": rank, "rows": rows, "hidden": h, "send_splits": send_splits, "recv_splits": recv_splits,
+            "send": pattern(rank, 0, sum(send_splits), dtype.torch, dev),
+            "recv": torch.empty(sum(recv_splits), dtype=dtype.torch, device=dev)}
+
+
+def alltoallv_reference(inp: dict, dtype: DType, pass_: str) -> torch.Tensor:
+    """From each rank j, the part of j's send buffer that j sends to this rank."""
+    rank, rows, h, device = inp["rank"], inp["rows"], inp["hidden"], inp["send"].device
+    exact = torch.float64 if device.type == "cpu" else torch.float32
+    return torch.cat([pattern(j, sum(rows[j][:rank]) * h, rows[j][rank] * h, exact, device)
+                      for j in range(len(rows))])
+
+
 def inputs(op: str, shape: CollectiveShape, dtype: DType, pass_: str, device: str) -> dict:
     """This rank's buffers (the process group must be up): 'send', and 'recv' for out-of-place ops."""
     rank, world = dist.get_rank(), shape.world
     count = shape.size_bytes // dtype.bytes
     chunk = count // world
-    dev = torch.device(device, torch.cuda.current_device()) if device == "cuda" else torch.device(device)
+    dev = _device(device)
     inp = {"rank": rank, "world": world, "count": count}
     if op == "allgather":  # rank r holds chunk r of the gathered buffer
         inp["send"] = pattern(rank, rank * chunk, chunk, dtype.torch, dev)
@@ -164,6 +242,12 @@ def _all_to_all(inp: dict) -> torch.Tensor:
     return inp["recv"]
 
 
+def _all_to_all_v(inp: dict) -> torch.Tensor:
+    dist.all_to_all_single(inp["recv"], inp["send"], output_split_sizes=inp["recv_splits"],
+                           input_split_sizes=inp["send_splits"])
+    return inp["recv"]
+
+
 def _broadcast(inp: dict) -> torch.Tensor:
     dist.broadcast(inp["send"], src=0)
     return inp["send"]
@@ -176,6 +260,7 @@ _CALLS = {
     "reducescatter": (_reduce_scatter_call, f"torch.distributed.{_reduce_scatter.__name__}"),
     "alltoall": (_all_to_all, "torch.distributed.all_to_all_single"),
     "broadcast": (_broadcast, "torch.distributed.broadcast"),
+    "alltoallv": (_all_to_all_v, "torch.distributed.all_to_all_single with split sizes"),
 }
 
 
@@ -184,9 +269,14 @@ def needs_cpu(shape, dtype: DType, device: str) -> str | None:
 
 
 def _family(op: str) -> OpFamily:
-    family = OpFamily(name=op, shape_type=CollectiveShape, flops=flops, bytes=bytes_moved,
-                      inputs=partial(inputs, op), reference=partial(reference, op),
-                      dtypes=("bf16", "fp16", "fp32"), shape_id=shape_id)
+    if op in UNEVEN:
+        family = OpFamily(name=op, shape_type=AllToAllVShape, flops=flops, bytes=alltoallv_bytes,
+                          inputs=alltoallv_inputs, reference=alltoallv_reference, dtypes=("bf16", "fp16", "fp32"),
+                          shape_id=alltoallv_id, describe=describe_alltoallv)
+    else:
+        family = OpFamily(name=op, shape_type=CollectiveShape, flops=flops, bytes=bytes_moved,
+                          inputs=partial(inputs, op), reference=partial(reference, op),
+                          dtypes=("bf16", "fp16", "fp32"), shape_id=shape_id)
     call, name = _CALLS[op]
 
     def prepare(inp: dict, dtype: DType, pass_: str):
@@ -202,3 +292,4 @@ ALLGATHER = _family("allgather")
 REDUCESCATTER = _family("reducescatter")
 ALLTOALL = _family("alltoall")
 BROADCAST = _family("broadcast")
+ALLTOALLV = _family("alltoallv")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 from opbench.ops.dtypes import DTYPES
 
 PHASES = ("prefill", "decode", "train", "finetune")
+WORKLOAD_SYNTAX = "PHASE:b=BATCH,s=LENGTH[,smin=LENGTH][,tp=N][,ep=N][,skew=Z][,r=RANK]"  # for help texts
 
 
 class PlanError(ValueError):
@@ -23,14 +25,25 @@ class Workload:
     dtype: str = "bf16"
     lora_rank: int = 16  # finetune only
     min_context: int = 0  # decode only: 0, every context is seq_len; else contexts spread from min_context to seq_len
+    # Mixtures of experts. ep > 1: the routed experts are spread over ep GPUs, tokens dispatched to them and
+    # combined back by all-to-all; tp still shards attention, so the ep GPUs are ep / tp replicas of the
+    # attention, each serving `batch` sequences.
+    ep: int = 1
+    skew: float = 0.0  # routing imbalance: the Zipf exponent of the experts' popularity; 0 uniform
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
             raise PlanError(f"unknown phase {self.phase!r} (known: {', '.join(PHASES)})")
-        for name in ("batch", "seq_len", "tp", "lora_rank"):
+        for name in ("batch", "seq_len", "tp", "lora_rank", "ep"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise PlanError(f"workload {name} must be a positive integer, got {value!r}")
+        if isinstance(self.skew, bool) or not isinstance(self.skew, (int, float)) or not (
+                math.isfinite(self.skew) and self.skew >= 0):
+            raise PlanError(f"workload skew must be a number >= 0 (a Zipf exponent; 0 uniform), got {self.skew!r}")
+        if self.ep > 1 and self.ep % self.tp:
+            raise PlanError(f"ep={self.ep} must be a multiple of tp={self.tp} (the ep GPUs are replicas of the "
+                            "tensor-parallel attention)")
         if self.dtype not in DTYPES:
             raise PlanError(f"unknown dtype {self.dtype!r} (known: {', '.join(DTYPES)})")
         if self.min_context and (self.phase != "decode" or not 0 < self.min_context <= self.seq_len):
@@ -40,35 +53,47 @@ class Workload:
     def label(self) -> str:
         lora = f",r={self.lora_rank}" if self.phase == "finetune" else ""
         spread = f",smin={self.min_context}" if self.min_context else ""
-        return f"{self.phase}:b={self.batch},s={self.seq_len}{spread},tp={self.tp}{lora}"
+        moe = (f",ep={self.ep}" if self.ep > 1 else "") + (f",skew={self.skew:g}" if self.skew else "")
+        return f"{self.phase}:b={self.batch},s={self.seq_len}{spread},tp={self.tp}{moe}{lora}"
 
     @property
     def training(self) -> bool:
         return self.phase in ("train", "finetune")
 
+    @property
+    def replicas(self) -> int:
+        """Copies of the attention serving `batch` sequences each: ep / tp under expert parallelism."""
+        return self.ep // self.tp if self.ep > 1 else 1
 
-_WORKLOAD_KEYS = {"b": "batch", "s": "seq_len", "tp": "tp", "r": "lora_rank", "smin": "min_context"}
-# The grammar of a workload, as every help text and error spells it
-WORKLOAD_SYNTAX = "PHASE:b=BATCH,s=LENGTH[,smin=LENGTH][,tp=N][,r=RANK]"
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.replicas
+
+
+_WORKLOAD_KEYS = {"b": "batch", "s": "seq_len", "tp": "tp", "r": "lora_rank", "smin": "min_context", "ep": "ep",
+                  "skew": "skew"}
+_NUMBER_KEYS = {"skew"}  # the others are integers
 
 
 def parse_workload(text: str, dtype: str = "bf16") -> Workload:
     """'prefill:b=1,s=2048,tp=8'. b: batch, s: prompt / context / sequence length, tp, r: LoRA rank,
-    smin: a decode batch's shortest context (contexts spread evenly from smin to s)."""
+    smin: a decode batch's shortest context (contexts spread evenly from smin to s), ep: expert-parallel
+    GPUs, skew: the routing's Zipf exponent (0 uniform)."""
     m = re.fullmatch(r"\s*(\w+)\s*:\s*(.*?)\s*", text)
     if not m:
         raise PlanError(f"workload {text!r}: expected {WORKLOAD_SYNTAX}")
     phase, rest = m.groups()
-    values: dict[str, int] = {}
+    values: dict[str, int | float] = {}
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, _, value = item.partition("=")
         key = key.strip()
         if key not in _WORKLOAD_KEYS:
             raise PlanError(f"workload {text!r}: unknown key {key!r} (keys: {', '.join(_WORKLOAD_KEYS)})")
         try:
-            values[_WORKLOAD_KEYS[key]] = int(value)
+            values[_WORKLOAD_KEYS[key]] = float(value) if key in _NUMBER_KEYS else int(value)
         except ValueError:
-            raise PlanError(f"workload {text!r}: {key} must be an integer, got {value.strip()!r}") from None
+            kind = "a number" if key in _NUMBER_KEYS else "an integer"
+            raise PlanError(f"workload {text!r}: {key} must be {kind}, got {value.strip()!r}") from None
     missing = [k for k, name in _WORKLOAD_KEYS.items() if k in ("b", "s") and name not in values]
     if missing:
         raise PlanError(f"workload {text!r}: missing {' and '.join(missing)}")
