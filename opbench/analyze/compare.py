@@ -105,8 +105,8 @@ class Comparison:
     changes: tuple[Change, ...]
     only_base: tuple[OpCase, ...]
     only_new: tuple[OpCase, ...]
-    drift: Drift = Drift()
     environment: list[tuple[str, str | None, str | None]]  # the facts that differ
+    drift: Drift = Drift()
 
     def of(self, kind: str) -> list[Change]:
         return [c for c in self.changes if c.verdict == kind]

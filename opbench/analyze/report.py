@@ -19,7 +19,7 @@ from opbench.analyze.compare import (DEFAULT_THRESHOLD_PCT, SECTIONS, Comparison
 from opbench.measure.peaks import comparison_rows, datasheet_for, measured_peaks
 from opbench.analyze.roofline import Ceilings, bound, run_ceilings
 from opbench.analyze.compose import Breakdown, run_breakdowns
-from opbench.analyze.runs import Run, device_label, environment, label, load_run, resolve_run, used_gpu
+from opbench.analyze.runs import Run, device_label, environment, label, load_run, resolve_run, shape_label, used_gpu
 from opbench.record import OpCase
 from opbench.text import format_seconds, roles_cell
 
@@ -70,7 +70,7 @@ def _comparison_html(c: Comparison) -> str:
                          f"<summary>{summary}</summary>{table}</details>")
     for title, cases in (("only in base", c.only_base), ("only in this run", c.only_new)):
         if cases:
-            parts.append(f"<p>{_e(title)}: " + ", ".join(_e(m.label) for m in cases) + "</p>")
+            parts.append(f"<p>{_e(title)}: " + ", ".join(_e(label(m)) for m in cases) + "</p>")
     return "".join(parts)
 
 
@@ -117,7 +117,8 @@ def _rate(m: OpCase) -> str:
 def _cell(m: OpCase, ceil: Ceilings | None, best: bool) -> str:
     case_bound = bound(m, ceil)
     roof = f" · {share_pct(case_bound.share)} of roof" if case_bound else ""
-    throttled = f"<br><span class=throttled>throttled: {_e(', '.join(m.throttled))}</span>" if m.throttled else ""
+    reasons = m.gpu.throttled if m.gpu else ()
+    throttled = f"<br><span class=throttled>throttled: {_e(', '.join(reasons))}</span>" if reasons else ""
     return (f"<td class='num{' best' if best else ''}'>{_e(format_seconds(m.median_s))}"
             f"<br><span class=sub>{_e(_rate(m))}{_e(roof)}</span>{throttled}</td>")
 
@@ -126,7 +127,7 @@ def _op_tables_html(run: Run, ceil: Ceilings | None) -> str:
     by_op: dict[str, dict[tuple, dict[str, OpCase]]] = defaultdict(lambda: defaultdict(dict))
     for m in run.measurements:
         if m.kind != "peak":  # peak cases have their own section
-            by_op[m.op][(m.shape_id, m.dtype, m.pass_)][m.backend] = m
+            by_op[m.op][(shape_label(m), m.dtype, m.pass_)][m.backend] = m
     parts = []
     for op in sorted(by_op):
         cases = by_op[op]

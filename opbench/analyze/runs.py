@@ -41,11 +41,15 @@ class Run:
         return [m for m in self.measurements if m.kind == kind]
 
 
+def shape_label(m: OpCase) -> str:
+    """A case's shape as its test id writes it."""
+    return get_family(m.op).id_of(get_family(m.op).shape_type(**m.shape)) if m.op in FAMILIES else \
+        "x".join(str(v) for v in m.shape.values())
+
+
 def label(m: OpCase) -> str:
     """op, shape (as in the test id), dtype, pass and backend."""
-    shape = get_family(m.op).id_of(get_family(m.op).shape_type(**m.shape)) if m.op in FAMILIES else \
-        "x".join(str(v) for v in m.shape.values())
-    return f"{m.op} {shape} {m.dtype} {m.pass_} {m.backend}"
+    return f"{m.op} {shape_label(m)} {m.dtype} {m.pass_} {m.backend}"
 
 
 def _records(benchmarks: list) -> list[Record]:
