@@ -65,13 +65,15 @@ class Stability:
 
 
 def median_ci_rel(sorted_s: list[float]) -> float:
-    """Half-width of a distribution-free 95% confidence interval of the median (order statistics at
-    n/2 -+ 0.98 sqrt(n)), over the median; inf with fewer than 6 samples, where it is undefined."""
+    """Half-width of a distribution-free 95% confidence interval of the median, over the median: the
+    order statistics x(j) and x(n + 1 - j) (1-based) with j = round(n/2 - 0.98 sqrt(n)), the normal
+    approximation of the binomial tables (n = 10: x(2)..x(9); n = 20: x(6)..x(15); n = 100:
+    x(40)..x(61)), never below 95% coverage; inf with fewer than 6 samples, where no interval reaches 95%."""
     n = len(sorted_s)
     if n < 6:
         return float("inf")
-    half = 0.98 * n ** 0.5
-    lo, hi = max(0, int(n / 2 - half)), min(n - 1, int(-(-(n / 2 + half) // 1)))
+    j = max(1, round(n / 2 - 0.98 * n ** 0.5))
+    lo, hi = j - 1, n - j  # 0-based
     median = statistics.median(sorted_s)
     return (sorted_s[hi] - sorted_s[lo]) / 2 / median if median > 0 else float("inf")
 
