@@ -76,6 +76,16 @@ def calls_for(call_s: float) -> int:
     return max(1, min(MAX_UNROLL, math.ceil(REPLAY_TARGET_S / call_s)))
 
 
+def unroll_for(call_s: float, copies: int) -> int:
+    """Calls per timed replay (or CPU round) cycling through `copies` input copies: about
+    REPLAY_TARGET_S, and a whole number of passes over the copies, so that a replay ends with the
+    last copy and the next one starts with the first: no copy runs twice in a row with its data
+    still in the cache, and every copy runs as often as the others."""
+    copies = max(1, copies)
+    unroll = min(max(calls_for(call_s), copies), max(MAX_UNROLL, copies))
+    return unroll // copies * copies
+
+
 def copies_for(footprint_bytes: int, cache_bytes: int, l2: str) -> int:
     """Input copies a call must cycle through so that the working set exceeds twice the cache."""
     if l2 != "rotate" or footprint_bytes <= 0 or cache_bytes <= 0:
@@ -120,8 +130,7 @@ def _measure_cpu(calls: list, settings: RunSettings, footprint_bytes: int) -> Sa
     start = time.perf_counter()
     for i in range(3):
         calls[i % len(calls)]()
-    unroll = max(calls_for((time.perf_counter() - start) / 3), len(calls) if len(calls) > 1 else 1)
-    unroll = min(unroll, max(MAX_UNROLL, len(calls)))
+    unroll = unroll_for((time.perf_counter() - start) / 3, len(calls))
 
     def one_round() -> float:
         t0 = time.perf_counter()
@@ -241,7 +250,7 @@ def _measure_cuda(calls: list, settings: RunSettings, footprint_bytes: int) -> S
         flush = l2_flusher()
         timer, unroll, launch, before = "cuda-event", 1, calls[0], flush
     else:
-        unroll = min(max(calls_for(call_s), len(calls)), max(MAX_UNROLL, len(calls)))
+        unroll = unroll_for(call_s, len(calls))
         try:
             launch, timer = graph_replay(calls, unroll), "cuda-graph"
         except RuntimeError:  # not capturable (host syncs, dynamic allocation): time plain launches
