@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from opbench.cli import main
+from opbench.record import RECORD_VERSION
 from opbench.spec.models import ZOO
 from opbench.measure.selection import PROFILES
 from opbench.spec.workload import Workload, parse_workload
@@ -15,8 +16,9 @@ from opbench.spec.plan import plan
 from tests.helpers import ROOT, run_pytest
 from tests.synthetic_runs import bench as gemm_bench, write_run
 
-REQUIRED = {"op", "backend", "dtype", "pass", "shape", "roles", "flops", "bytes", "tflops", "gbps", "timer",
-            "unroll", "correct"}
+REQUIRED = {"kind", "record", "op", "backend", "dtype", "pass", "shape", "roles", "flops", "bytes", "tflops", "gbps",
+            "timer", "unroll", "median_s", "correct", "stability", "l2", "working_set_bytes", "host_s", "gpu", "host"}
+STABILITY = {"rounds", "median_s", "q1_s", "q3_s", "min_s", "max_s", "cv", "iqr_rel", "ci_rel", "outliers", "stable"}
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +31,17 @@ def smoke_run(tmp_path_factory):
 
 def test_every_case_carries_the_extra_info_contract(smoke_run):
     _, data, _ = smoke_run
-    ops = [b for b in data["benchmarks"] if b["extra_info"]["op"] not in ("layer", "model")]
+    ops = [b for b in data["benchmarks"] if b["extra_info"]["kind"] == "op"]
     assert ops
     for bench in ops:
         info = bench["extra_info"]
         assert REQUIRED <= set(info), (bench["name"], REQUIRED - set(info))
-        assert info["correct"]["passed"] and info["correct"]["rel_err"] <= info["correct"]["tol"]
+        assert info["record"] == RECORD_VERSION
+        assert set(info["correct"]) == {"rel_err", "tol", "worst_output", "worst_rank"}
+        assert info["correct"]["rel_err"] <= info["correct"]["tol"] and info["correct"]["worst_rank"] is None
         assert info["timer"] == "cpu" and info["unroll"] >= 1
         median = bench["stats"]["median"]
+        assert info["median_s"] == median  # pytest-benchmark's statistics are the suite's samples
         assert info["tflops"] == pytest.approx(info["flops"] / median / 1e12)
         assert info["gbps"] == pytest.approx(info["bytes"] / median / 1e9)
         assert all(isinstance(v, int) for v in info["shape"].values())
@@ -44,20 +49,58 @@ def test_every_case_carries_the_extra_info_contract(smoke_run):
         assert bench["param"].endswith(f"-{info['dtype']}-{info['pass']}-{info['backend']}")
 
 
+def test_every_timed_case_records_its_stability_cache_mode_and_host(smoke_run):
+    _, data, _ = smoke_run
+    stable_ci = data["opbench"]["settings"]["stable_ci"]
+    timed = [b for b in data["benchmarks"] if b["extra_info"]["kind"] in ("op", "peak", "unit")]
+    assert {b["extra_info"]["kind"] for b in timed} == {"op", "peak", "unit"}
+    for bench in timed:
+        info, stats = bench["extra_info"], bench["stats"]
+        stability = info["stability"]
+        assert set(stability) == STABILITY, bench["name"]
+        assert (stability["rounds"], stability["min_s"], stability["max_s"], stability["median_s"]) == (
+            stats["rounds"], stats["min"], stats["max"], stats["median"])
+        assert stability["rounds"] >= data["opbench"]["settings"]["min_rounds"]
+        assert stability["q1_s"] <= stability["median_s"] <= stability["q3_s"]
+        assert 0 <= stability["outliers"] <= stability["rounds"]
+        # below 6 rounds no interval reaches 95%: null, as JSON has no infinity
+        assert (stability["ci_rel"] is None) is (stability["rounds"] < 6)
+        # stable: the median known within the limit, on a host that was not busy
+        assert stability["stable"] is (stability["ci_rel"] is not None and stability["ci_rel"] <= stable_ci
+                                       and not info["host"]["busy"])
+        assert info["l2"] in ("warm", "rotate") and info["host_s"] is None and info["gpu"] is None
+        assert set(info["host"]) == {"load_per_core", "steal", "busy"} and info["host"]["load_per_core"] >= 0
+    assert {b["extra_info"]["l2"] for b in timed if b["extra_info"]["kind"] == "op"} == {"warm"}  # a CPU's default
+
+
+def test_the_summary_marks_the_unstable_cases(smoke_run):
+    _, data, stdout = smoke_run
+    ops = [b["extra_info"] for b in data["benchmarks"] if b["extra_info"]["kind"] == "op"]
+    unstable = sum(not info["stability"]["stable"] for info in ops)
+    lines = stdout.split("opbench summary", 1)[1].splitlines()
+    assert f"{len(ops)} cases timed, {unstable} unstable" in stdout
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["op", "shape"])
+    ci_at = lines[header].index(" CI ") + 1  # the table's columns are aligned: the CI cell starts here
+    cells = [line[ci_at:].split()[0] for line in lines[header + 1:header + 1 + len(ops)]]
+    assert [cell.endswith("!") for cell in cells].count(True) == unstable
+    assert all(cell.rstrip("!").endswith("%") or cell.rstrip("!") == "n/a" for cell in cells)
+
+
 def test_units_are_timed_after_their_own_gate(smoke_run):
     _, data, _ = smoke_run
-    units = [b["extra_info"] for b in data["benchmarks"] if b["extra_info"]["op"] in ("layer", "model")]
+    units = [b["extra_info"] for b in data["benchmarks"] if b["extra_info"]["kind"] == "unit"]
     plans = {p["model"]["name"] + "/" for p in data["opbench"]["plans"]}
-    assert {(u["op"], u["dtype"]) for u in units} == {(op, d) for op in ("layer", "model")
-                                                       for d in ("fp32", "bf16", "fp16")}
+    assert {(u["unit"], u["dtype"]) for u in units} == {(unit, d) for unit in ("layer", "model")
+                                                         for d in ("fp32", "bf16", "fp16")}
     for info in units:
-        assert info["correct"]["passed"] and info["median_s"] > 0 and info["timer"] == "cpu"
+        assert info["correct"]["rel_err"] <= info["correct"]["tol"] and info["median_s"] > 0
+        assert info["timer"] == "cpu"
         assert any(info["plan"].startswith(p) for p in plans)
 
 
 def test_every_gemm_role_of_the_smoke_plan_is_measured(smoke_run):
     _, data, _ = smoke_run
-    measured = {role for b in data["benchmarks"] if b["extra_info"]["op"] == "gemm"
+    measured = {role for b in data["benchmarks"] if b["extra_info"]["kind"] == "op" and b["extra_info"]["op"] == "gemm"
                 for role in b["extra_info"]["roles"]}
     smoke = PROFILES["smoke"]
     expected = set()

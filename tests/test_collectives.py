@@ -213,7 +213,8 @@ def test_two_ranks_on_one_gpu_are_named():
 def _check_run(data: dict, world: int) -> None:
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
-        assert info["correct"]["passed"] and info["correct"]["rel_err"] == 0.0, bench["name"]
+        assert info["kind"] == "collective" and info["correct"]["rel_err"] == 0.0, bench["name"]
+        assert info["correct"]["worst_rank"] in range(world) and info["stability"]["rounds"] == bench["stats"]["rounds"]
         assert info["world"] == world and info["shape"]["world"] == world
         median = bench["stats"]["median"]
         assert info["median_s"] == median

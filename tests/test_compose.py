@@ -2,26 +2,34 @@
 
 import pytest
 
-from opbench.analyze.compose import Composer, Measurement, MissingMeasurement, fit_roofline, shape_key
+from opbench.analyze.compose import Composer, MissingMeasurement, fit_roofline
+from opbench.ops.base import shape_dict
 from opbench.ops.dtypes import DTYPES
-from opbench.spec.models import ZOO
 from opbench.ops.gemm import GemmShape, bytes_moved, flops
-from opbench.spec.workload import Workload
+from opbench.record import OpCase, Stability
+from opbench.spec.models import ZOO
 from opbench.spec.plan import Plan, plan
+from opbench.spec.workload import Workload
+
+
+def timed(op, shape, dtype, pass_, backend, time_s, flops=0, nbytes=0) -> OpCase:
+    """The record of a case timed at time_s per call (a run of 11 identical rounds)."""
+    return OpCase(op=op, backend=backend, dtype=dtype, pass_=pass_, shape=shape_dict(shape), flops=flops,
+                  bytes=nbytes, timer="cpu", median_s=time_s, stability=Stability.of([time_s] * 11, 0.01))
 
 
 def measure_plan(p, seconds, backend="torch"):
     """A synthetic run that measured every distinct call of plan p, with time seconds(call)."""
     seen = {}
     for c in p.calls:
-        seen[(c.op, shape_key(c.shape), c.pass_)] = Measurement(
-            c.op, shape_key(c.shape), p.workload.dtype, c.pass_, backend, seconds(c), 1, 1)
+        key = (c.op, tuple(sorted(shape_dict(c.shape).items())), c.pass_)
+        seen[key] = timed(c.op, c.shape, p.workload.dtype, c.pass_, backend, seconds(c))
     return list(seen.values())
 
 
 def gemm(m, n, k, t, backend="torch", dtype="fp32", pass_="fwd"):
     s = GemmShape(m, n, k)
-    return Measurement("gemm", shape_key(s), dtype, pass_, backend, t, flops(s), bytes_moved(s, DTYPES[dtype]))
+    return timed("gemm", s, dtype, pass_, backend, t, flops(s), bytes_moved(s, DTYPES[dtype]))
 
 
 def test_measured_plan_sums_layers_and_model_scope():
@@ -59,8 +67,8 @@ def test_roofline_fit_recovers_known_ceilings():
     run = []
     for s in shapes:
         f, b = flops(s), bytes_moved(s, DTYPES["bf16"])
-        run.append(Measurement("gemm", shape_key(s), "bf16", "fwd", "torch", max(f / peak_f, b / peak_b), f, b))
-    fitted_f, fitted_b = fit_roofline([(m.flops, m.bytes, m.time_s) for m in run])
+        run.append(timed("gemm", s, "bf16", "fwd", "torch", max(f / peak_f, b / peak_b), f, b))
+    fitted_f, fitted_b = fit_roofline([(m.flops, m.bytes, m.median_s) for m in run])
     assert fitted_f == pytest.approx(peak_f) and fitted_b == pytest.approx(peak_b)
     new = GemmShape(3, 1000, 3000)  # memory-bound, measured nowhere
     t, source, _, _ = Composer(run).time("gemm", new, "bf16", "fwd")

@@ -1,5 +1,7 @@
 """Peaks and the roofline: datasheet lookup, the best of the search, shares computed by hand."""
 
+from dataclasses import replace
+
 import pytest
 
 from opbench.cli import main
@@ -7,8 +9,14 @@ from opbench.ops.gemm import GemmShape
 from opbench.measure.peak_cases import LaunchShape, PeakCase, SizeShape, _skip_reason, copy_size, peak_cases, work
 from opbench.measure.peaks import datasheet_for, measured_peaks
 from opbench.analyze.roofline import Ceilings, add_roofline, bound, ceilings
+from opbench.record import CollectiveCase, OpCase, from_info
 
 from tests.synthetic_runs import bench, machine, peak, write_run
+
+
+def record(benchmark: dict):
+    """The record a benchmark entry of a run holds."""
+    return from_info(benchmark["extra_info"])
 
 
 @pytest.mark.parametrize("device_name, sheet", [
@@ -37,18 +45,19 @@ def test_datasheet_figures_are_dense_not_sparse():
 
 
 def test_measured_peaks_take_the_best_of_the_search():
-    infos = [peak("matmul_tflops", 1e-3, flops=700 * 10**9, shape={"m": 1, "n": 1, "k": 1})["extra_info"],
-             peak("matmul_tflops", 1e-3, flops=790 * 10**9, shape={"m": 2, "n": 2, "k": 2})["extra_info"],
-             peak("matmul_tflops", 1e-3, dtype="fp8", flops=1500 * 10**9, shape={"m": 3, "n": 3, "k": 3})["extra_info"],
-             peak("copy_gbps", 1e-3, nbytes=3 * 10**9)["extra_info"],
-             peak("launch_s", 5e-6, shape={"elements": 1})["extra_info"],
-             peak("launch_s", 4e-6, shape={"elements": 1})["extra_info"],
-             bench(64, 64, 64, 1e-6)["extra_info"]]  # not a peak case
-    p = measured_peaks(infos, "cuda", "NVIDIA H100 80GB HBM3")
+    peaks = [record(peak("matmul_tflops", 1e-3, flops=700 * 10**9, shape={"m": 1, "n": 1, "k": 1})),
+             record(peak("matmul_tflops", 1e-3, flops=790 * 10**9, shape={"m": 2, "n": 2, "k": 2})),
+             record(peak("matmul_tflops", 1e-3, dtype="fp8", flops=1500 * 10**9, shape={"m": 3, "n": 3, "k": 3})),
+             record(peak("copy_gbps", 1e-3, nbytes=3 * 10**9)),
+             record(peak("launch_s", 5e-6, shape={"elements": 1})),
+             record(peak("launch_s", 4e-6, shape={"elements": 1}))]
+    untimed = replace(record(peak("matmul_tflops", 1e-3, flops=10**15, shape={"m": 4, "n": 4, "k": 4})),
+                      median_s=None)  # gated, never timed: no peak
+    p = measured_peaks(peaks + [untimed], "cuda", "NVIDIA H100 80GB HBM3")
     assert p.matmul_tflops == {"bf16": pytest.approx(790), "fp8": pytest.approx(1500)}
     assert p.matmul_best_shape["bf16"] == {"m": 2, "n": 2, "k": 2}
     assert p.copy_gbps == pytest.approx(3000) and p.launch_s == 4e-6 and p.h2d_gbps is None
-    assert measured_peaks([bench(64, 64, 64, 1e-6)["extra_info"]], "cuda", "x") is None
+    assert measured_peaks([], "cuda", "x") is None and measured_peaks([untimed], "cuda", "x") is None
 
 
 H100_MEASURED = Ceilings({"bf16": 800.0}, 3000.0, "measured on H100", True)
@@ -56,8 +65,7 @@ H100_MEASURED = Ceilings({"bf16": 800.0}, 3000.0, "measured on H100", True)
 
 def test_roofline_share_of_a_compute_bound_gemm_by_hand():
     # 8192^3 bf16: 1.0995e12 FLOPs, 402,653,184 bytes; intensity 2731 FLOP/B >> ridge 800e12/3000e9 = 267
-    info = bench(8192, 8192, 8192, 2e-3)["extra_info"]
-    b = bound(info, H100_MEASURED)
+    b = bound(record(bench(8192, 8192, 8192, 2e-3)), H100_MEASURED)
     assert b.limit == "compute"
     assert b.share == pytest.approx((2 * 8192**3 / 800e12) / 2e-3)  # 0.687
     assert b.attainable_tflops == pytest.approx(800)
@@ -65,27 +73,28 @@ def test_roofline_share_of_a_compute_bound_gemm_by_hand():
 
 def test_roofline_share_of_a_memory_bound_decode_gemm_by_hand():
     # 1 x 4096 x 4096 bf16: reads the 32 MiB weight; intensity ~1 FLOP/B, far left of the ridge
-    info = bench(1, 4096, 4096, 15e-6)["extra_info"]
     nbytes = (4096 + 4096 * 4096 + 4096) * 2
-    b = bound(info, H100_MEASURED)
+    b = bound(record(bench(1, 4096, 4096, 15e-6)), H100_MEASURED)
     assert b.limit == "memory"
     assert b.share == pytest.approx(nbytes / 3000e9 / 15e-6)  # 0.747
     assert b.attainable_tflops == pytest.approx(2 * 4096 * 4096 / (nbytes / 3000e9) / 1e12)
 
 
 def test_roofline_has_no_share_where_it_has_no_ceiling():
-    assert bound(bench(64, 64, 64, 1e-6, dtype="fp8")["extra_info"], H100_MEASURED) is None  # fp8 not measured
-    collective = {"op": "allreduce", "dtype": "bf16", "shape": {"size_bytes": 2**20, "world": 8}, "flops": 0,
-                  "bytes": 2**20, "median_s": 1e-5}
-    assert bound(collective, H100_MEASURED) is None
-    copy_only = {"op": "add", "dtype": "fp8", "shape": {"tokens": 1, "width": 1}, "flops": 0, "bytes": 3 * 10**9,
-                 "median_s": 2e-3}
+    assert bound(record(bench(64, 64, 64, 1e-6, dtype="fp8")), H100_MEASURED) is None  # fp8 not measured
+    collective = CollectiveCase(op="allreduce", backend="nccl", dtype="bf16", shape={"size_bytes": 2**20, "world": 8},
+                                bytes=2**20, median_s=1e-5, world=8, busbw_factor=1.75)
+    assert bound(collective, H100_MEASURED) is None  # bound by the fabric
+    copy_only = OpCase(op="add", backend="torch", dtype="fp8", shape={"tokens": 1, "width": 1}, bytes=3 * 10**9,
+                       median_s=2e-3)
     assert bound(copy_only, H100_MEASURED).share == pytest.approx(0.5)  # bandwidth alone bounds it
-    assert bound(bench(64, 64, 64, 1e-6)["extra_info"], None) is None
+    assert bound(replace(copy_only, median_s=None), H100_MEASURED) is None  # not timed
+    assert bound(record(peak("copy_gbps", 1e-3, nbytes=10**9)), H100_MEASURED) is None  # peaks define the ceilings
+    assert bound(record(bench(64, 64, 64, 1e-6)), None) is None
 
 
 def test_ceilings_prefer_measured_peaks_and_fall_back_to_the_datasheet():
-    measured = measured_peaks([peak("copy_gbps", 1e-3, nbytes=10**9)["extra_info"]], "cuda", "H100")
+    measured = measured_peaks([record(peak("copy_gbps", 1e-3, nbytes=10**9))], "cuda", "H100")
     assert ceilings(measured, machine()).source == "measured on H100"
     sheet = ceilings(None, machine())
     assert not sheet.measured and sheet.memory_gbps == 3350
@@ -102,7 +111,8 @@ def test_add_roofline_writes_peaks_and_shares_whatever_the_order():
     assert data["opbench"]["peaks"]["matmul_tflops"] == {"bf16": pytest.approx(800)}
     assert data["opbench"]["ceilings"]["source"] == "measured on NVIDIA H100 80GB HBM3"
     assert case["extra_info"]["roofline"]["share"] == pytest.approx(0.687, abs=1e-3)
-    assert "roofline" not in data["benchmarks"][1]["extra_info"]  # the peaks define the ceilings
+    assert record(case).roofline.limit == "compute"  # written into the record, read back with it
+    assert data["benchmarks"][1]["extra_info"]["roofline"] is None  # the peaks define the ceilings
 
 
 def test_peak_case_work_by_hand():

@@ -11,14 +11,18 @@ from collections import Counter
 
 import pytest
 
-from opbench.analyze.breakdown import breakdowns
-from opbench.analyze.compose import CallTime
+from opbench.analyze.compose import CallTime, Composer, run_breakdowns
 from opbench.analyze.charts import module_colours, op_colours
 from opbench.cli import main
 from opbench.analyze.runs import load_run
 
+from opbench.spec.models import ZOO
+from opbench.spec.plan import plan
+from opbench.spec.workload import Workload
+
 from tests.helpers import run_pytest
 from tests.synthetic_runs import bench, write_run
+from tests.test_compose import measure_plan
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -48,7 +52,7 @@ def test_the_json_holds_measured_peaks_and_every_case_its_roofline_share(cpu_run
     assert peaks["device"] == "cpu" and peaks["label"].startswith("CPU")
     assert set(peaks["matmul_tflops"]) == {"fp32", "bf16"} and peaks["copy_gbps"] > 0 and peaks["launch_s"] > 0
     assert peaks["h2d_gbps"] is None
-    gemms = [b["extra_info"] for b in data["benchmarks"] if b["extra_info"]["op"] == "gemm"]
+    gemms = [b["extra_info"] for b in data["benchmarks"] if b["extra_info"].get("op") == "gemm"]
     assert gemms
     for info in gemms:
         roof = info["roofline"]
@@ -56,7 +60,8 @@ def test_the_json_holds_measured_peaks_and_every_case_its_roofline_share(cpu_run
         compute_s = info["flops"] / (peaks["matmul_tflops"]["fp32"] * 1e12)
         memory_s = info["bytes"] / (peaks["copy_gbps"] * 1e9)
         assert roof["share"] == pytest.approx(max(compute_s, memory_s) / info["median_s"])
-        assert "throttled" not in info  # clocks are sampled on CUDA only
+        assert info["gpu"] is None and info["host_s"] is None  # the card's state and host time: CUDA only
+        assert info["host"]["load_per_core"] >= 0 and info["l2"] == "warm"
 
 
 def _svgs(page: str) -> list[ET.Element]:
@@ -74,7 +79,7 @@ def test_the_report_is_one_self_contained_page_with_well_formed_charts(report, c
     assert not [i for i, n in Counter(ids).items() if n > 1]  # two charts never share an id
     roofline, breakdown = _svgs(page)  # both parse as XML
     run = load_run(cpu_run)
-    computing = [m for m in run.measurements if m.info.get("flops") and not m.op.startswith("peak.")]
+    computing = [m for m in run.of_kind("op") if m.flops]
     points = sum(len(list(g.iter(f"{SVG}use"))) for g in _by_id(roofline, "roofline-points-"))
     assert points == len(computing) > 0  # every case with FLOPs is a point
     assert {e.get("id") for e in _by_id(roofline, "roofline-ceiling-")} == {
@@ -97,14 +102,16 @@ def test_the_report_holds_every_section(report, cpu_run):
 
 
 def test_breakdowns_are_read_from_the_runs_composition(tmp_path):
-    composed = write_run(tmp_path / "composed.json", [bench(8, 24, 8, 3e-6)], section={
-        "device": "cuda", "plans": [],
-        "breakdowns": [{"plan": "m/decode", "sources": {"measured": 3, "interpolated": 1, "modeled": 1},
-                        "modules": {"mlp": {"time_s": 2e-3}, "attention": {"time_s": 1e-3}}}]})
-    (b,) = breakdowns(load_run(composed))
-    assert b.plan == "m/decode" and b.total_s == pytest.approx(3e-3) and b.not_measured == 2
-    assert list(b.modules_s) == ["attention", "mlp"]  # stacked in the modules' fixed order
-    assert breakdowns(load_run(write_run(tmp_path / "none.json", [bench(8, 24, 8, 3e-6)]))) == []
+    decode, prefill = (plan(ZOO["tiny"], Workload(phase, 3, 77, dtype="fp32")) for phase in ("decode", "prefill"))
+    composed = Composer(measure_plan(decode, lambda c: 3e-6 if c.op == "gemm" else 1e-6)).compose(decode)
+    section = {"device": "cuda", "plans": [decode.to_dict(), prefill.to_dict()],
+               "breakdowns": [composed.to_dict(), {**composed.to_dict(), "plan": "gone/decode:b=1,s=1,tp=1/fp32"}]}
+    run = load_run(write_run(tmp_path / "composed.json", [bench(8, 24, 8, 3e-6)], section=section))
+    (b,) = run_breakdowns(run.section)  # a breakdown of a plan the run does not hold is passed over
+    assert b.plan == decode and b.calls == composed.calls
+    assert b.total_s == pytest.approx(composed.total_s) and b.modules_s() == pytest.approx(composed.modules_s())
+    assert b.not_measured == 0 and b.sources()["measured"] == len(decode.calls)
+    assert run_breakdowns(load_run(write_run(tmp_path / "none.json", [bench(8, 24, 8, 3e-6)])).section) == []
 
 
 @pytest.mark.parametrize("role, module", [
@@ -153,6 +160,6 @@ def test_the_page_renders_its_charts_in_a_headless_browser(report, cpu_run, tmp_
     # Only the roofline's GEMM points wear the GEMM's colour; the breakdown's one bar spans the full width
     # whatever the measured shares, in the colours of its modules.
     bar_colours = {module_colours()[m] for m in ("attention", "mlp", "norms+residuals", "embedding+head")}
-    ops = sorted({m.op for m in load_run(cpu_run).measurements if m.info.get("flops") and not m.op.startswith("peak.")})
+    ops = sorted({m.op for m in load_run(cpu_run).of_kind("op") if m.flops})
     assert painted(op_colours(ops)["gemm"]) > 100
     assert sum(map(painted, bar_colours)) > 10_000

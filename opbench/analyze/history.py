@@ -226,7 +226,7 @@ def _point(run: int, m: OpCase, reference_mhz: float | None) -> Point:
     scale = clock / reference_mhz if clock and reference_mhz else 1.0
     st = m.stability
     q1, q3 = (st.q1_s, st.q3_s) if st else (m.median_s, m.median_s)
-    noise = st.ci_rel / 1.96 if st and math.isfinite(st.ci_rel) else None
+    noise = st.ci_rel / 1.96 if st and st.ci_rel is not None else None
     return Point(run, m.median_s, m.median_s * scale, q1 * scale, q3 * scale, clock, bool(st and st.stable),
                  bool(m.host and m.host.busy), m.throttled, noise)
 

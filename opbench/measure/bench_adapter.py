@@ -18,13 +18,12 @@ import pytest
 
 
 class ReplayClock:
-    """A clock whose readings, two per round (start, end), make each round last the next sample."""
+    """A clock whose readings, two per round (start, end), make each round last the next sample.
+    Each round starts at 0 and ends at its sample, so end - start is the sample to the last bit (a
+    running sum would round every duration after the first)."""
 
     def __init__(self, samples_s: Sequence[float]):
-        self.readings = [0.0]
-        for s in samples_s:
-            self.readings += [self.readings[-1] + s, self.readings[-1] + s]
-        self.readings.pop()  # the last round ends at the last reading
+        self.readings = [reading for s in samples_s for reading in (0.0, float(s))]
         self.position = 0
 
     def __call__(self) -> float:

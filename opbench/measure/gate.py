@@ -24,7 +24,9 @@ def check(out: Any, ref: Any, tol: float) -> Gate:
         o = o.to(r.dtype)
         denom = torch.linalg.vector_norm(r).item()
         err = torch.linalg.vector_norm(o - r).item() / (denom if denom > 0 else 1.0)
-        if not err <= worst.rel_err:  # keeps NaN as the worst
+        if math.isnan(worst.rel_err):
+            continue  # a NaN output is the worst; a later output, however close, does not hide it
+        if not err <= worst.rel_err:  # NaN compares false: it becomes the worst
             worst = Gate(err, tol, i)
     return worst
 

@@ -17,7 +17,7 @@ import torch
 
 from opbench.ops.dtypes import get_dtype
 from opbench.measure.gate import check, fail_unless_passed
-from opbench.measure.hardware import last_level_cache_bytes
+from opbench.measure.hardware import HostWatch, last_level_cache_bytes
 from opbench.measure.runner import finish
 from opbench.ops.base import shape_dict
 from opbench.ops.gemm import GEMM, GemmShape, bytes_moved, flops
@@ -155,9 +155,10 @@ def _time_launches(fn: Callable[[], object], settings: RunSettings, started: flo
             fn()
         sync()
         return (time.perf_counter() - start) / _LAUNCHES_PER_ROUND
-    samples = take_rounds(one_round, settings.budget_s, settings.min_rounds, settings.ci_target)
+    with HostWatch() as watch:  # launches are host time: a busy host makes them unreliable, GPU or not
+        samples = take_rounds(one_round, settings.budget_s, settings.min_rounds, settings.ci_target)
     return Samples(samples, "cpu" if settings.device == "cpu" else "host", _LAUNCHES_PER_ROUND, "warm",
-                   setup_s=rounds_start - started, timing_s=time.perf_counter() - rounds_start)
+                   host=watch.load, setup_s=rounds_start - started, timing_s=time.perf_counter() - rounds_start)
 
 
 def work(case: PeakCase) -> tuple[int, int]:

@@ -34,7 +34,7 @@ def _ci_cell(r) -> str:
     if r.stability is None:
         return "-"
     ci = r.stability.ci_rel
-    text = f"{100 * ci:.1f}%" if ci != float("inf") else "n/a"
+    text = f"{100 * ci:.1f}%" if ci is not None else "n/a"
     return text + ("" if r.stability.stable else "!")
 
 

@@ -87,18 +87,21 @@ def calls_for(call_s: float) -> int:
     return max(1, min(MAX_UNROLL, math.ceil(REPLAY_TARGET_S / call_s)))
 
 
+def unroll_for(call_s: float, copies: int) -> int:
+    """Calls per timed replay (or CPU round) cycling through `copies` input copies: about
+    REPLAY_TARGET_S, and a whole number of passes over the copies, so that a replay ends with the
+    last copy and the next one starts with the first: no copy runs twice in a row with its data
+    still in the cache, and every copy runs as often as the others."""
+    copies = max(1, copies)
+    unroll = min(max(calls_for(call_s), copies), max(MAX_UNROLL, copies))
+    return unroll // copies * copies
+
+
 def copies_for(footprint_bytes: int, cache_bytes: int, l2: str) -> int:
     """Input copies a call must cycle through so that the working set exceeds twice the cache."""
     if l2 != "rotate" or footprint_bytes <= 0 or cache_bytes <= 0:
         return 1
     return max(1, min(MAX_COPIES, math.ceil(2 * cache_bytes / footprint_bytes)))
-
-
-def rotation_unroll(call_s: float, copies: int) -> int:
-    """Calls per timed replay: about REPLAY_TARGET_S of work, in whole passes over the input copies.
-    A whole pass ends each replay on the last copy, so the next one starts on the copy used longest
-    ago, as every call of the rotation does."""
-    return max(1, calls_for(call_s) // copies) * copies
 
 
 def take_rounds(one_round: Callable[[], float], budget_s: float, min_rounds: int, ci_target: float,
@@ -141,7 +144,7 @@ def _measure_cpu(calls: list, settings: RunSettings, footprint_bytes: int, start
     start = time.perf_counter()
     for i in range(3):
         calls[i % len(calls)]()
-    unroll = rotation_unroll((time.perf_counter() - start) / 3, len(calls))
+    unroll = unroll_for((time.perf_counter() - start) / 3, len(calls))
 
     def one_round() -> float:
         t0 = time.perf_counter()
@@ -349,7 +352,7 @@ def _before_round(launch: Callable[[], None], flush: bool) -> Callable[[], None]
 def _measure_cuda(calls: list, settings: RunSettings, footprint_bytes: int, started: float) -> Samples:
     host_s = host_time(calls, host_calls(_warm_up(calls)))
     flush = settings.l2 == "flush"
-    unroll = 1 if flush else rotation_unroll(_probe_call_s(calls, host_s), len(calls))
+    unroll = 1 if flush else unroll_for(_probe_call_s(calls, host_s), len(calls))
     launch, timer = timed_launch(calls, unroll)
     one_round = event_round(launch, unroll, _before_round(launch, flush))  # its launches warm the graph
     rounds_start = time.perf_counter()
