@@ -14,6 +14,7 @@ from opbench.record import OpCase, UnitCase
 from opbench.analyze.estimate import TrainOptions, compose_estimate, estimate_from, fewest_gpus
 from opbench.spec.models import get_model
 from opbench.measure.peaks import datasheet_for
+from opbench.ops.dtypes import WEIGHT_FORMATS
 from opbench.analyze.runs import Run, RunError, device_label, load_run, used_gpu
 from opbench.text import device_noun, format_flops, format_seconds, positive
 from opbench.measure.selection import measure_command
@@ -96,6 +97,9 @@ def model_options(p) -> None:
                    help="mixtures of experts: expert-parallel GPUs, a multiple of --tp (default 1); the all-to-alls "
                         "come from --collectives' fits or the --fabric profile")
     p.add_argument("--dtype", default="bf16", help="workload dtype (default bf16)")
+    p.add_argument("--weights", default="", choices=["", *WEIGHT_FORMATS], metavar="FORMAT",
+                   help=f"the decoder layers' linear weights: {', '.join(WEIGHT_FORMATS)} (default: in --dtype); "
+                        "nf4 with --phase finetune is QLoRA")
     p.add_argument("--policy", default="fastest",
                    help=f"backends to compose from: {', '.join(POLICIES)} (default fastest), or a backend's name "
                         "or glob (sdpa*)")
@@ -134,7 +138,7 @@ def _estimate_command(args) -> int:
     run, composer = composer_from_args(args)
     model = get_model(args.model)
     w = Workload(args.phase, args.batch, args.context, tp=args.tp, dtype=args.dtype, lora_rank=args.lora_rank,
-                 ep=args.ep, skew=args.skew)
+                 ep=args.ep, skew=args.skew, weights=args.weights)
     sheet = datasheet_for((used_gpu(run.machine_info) or {}).get("name"))
     peak = sheet.matmul_tflops.get(args.dtype) if sheet else None
     train = TrainOptions(recompute=args.recompute, dp=args.dp, overlap=not args.no_overlap)

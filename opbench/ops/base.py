@@ -44,6 +44,9 @@ class OpFamily:
     runs_in: str | None = None  # the one dtype the op runs in whatever the workload's (else: `dtypes`)
     # what a shape holds but does not show (ragged sizes derived from it), for `opbench plan`; None: nothing
     describe: Callable[[Any], str] | None = None
+    # Its cases run in the workload's weight format (`w=int4`: dtype int4), not in the workload's dtype:
+    # the quantized linear layers' ops.
+    weight_format: bool = False
 
     def backend(self, name: str, *, impl: str, requires: Requires | None = None):
         """Decorator: register `prepare` as backend `name`."""
