@@ -15,6 +15,7 @@ from opbench.analyze.estimate import TrainOptions, compose_estimate, estimate_fr
 from opbench.spec.models import get_model
 from opbench.measure.peaks import datasheet_for
 from opbench.ops.dtypes import WEIGHT_FORMATS
+from opbench.analyze.quantization import format_rows
 from opbench.analyze.runs import Run, RunError, device_label, load_run, used_gpu
 from opbench.text import device_noun, format_flops, format_seconds, positive
 from opbench.measure.selection import measure_command
@@ -29,7 +30,7 @@ def compose_session(plans: Iterable[Plan], cases: Iterable[OpCase], units: Itera
     """Every plan composed from the run's op cases, and the units timed whole checked against their
     composition. peak_tflops: the GPU's datasheet dense TFLOP/s per dtype, for MFU (None: no MFU).
     What could not be composed is listed once: the plans, the ops they lack, one command measuring them."""
-    cases = list(cases)
+    cases, plans = list(cases), list(plans)
     composer, eager = Composer(cases, policy, fused=fused), Composer(cases, "eager", fused=fused)
     out: dict = {"policy": policy, "fused": fused, "breakdowns": [], "estimates": [], "validation": [],
                  "missing": []}
@@ -57,6 +58,7 @@ def compose_session(plans: Iterable[Plan], cases: Iterable[OpCase], units: Itera
                                   "stable": bool(u.stability and u.stability.stable),
                                   "ci_rel": u.stability.ci_rel if u.stability else None})
     plans_by_name = {p.name: p for p in plans}
+    out["quantization"] = [r.to_dict() for r in format_rows(composer, plans)]
     for what, entries, backends in (("plans", [m for m in out["missing"] if "unit" not in m], ()),
                                     ("units", [m for m in out["missing"] if "unit" in m], ("eager",))):
         if entries:

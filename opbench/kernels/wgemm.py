@@ -92,7 +92,7 @@ _PREFILL_CONFIGS = [_config(128, 128, 64, 1), _config(128, 256, 64, 1, 3, 8), _c
                     _config(128, 64, 128, 1), _config(64, 64, 128, 1)]
 _KEY = ["M", "N", "K", "GROUP", "INT4"]
 _INTERPRETER_DECODE = {"BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 2}
-_INTERPRETER_PREFILL = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 1}
+_INTERPRETER_PREFILL = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 1}
 
 
 def _with_block_m(configs, block_m):
