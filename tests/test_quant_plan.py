@@ -135,8 +135,12 @@ def test_fp8_skips_on_cpu_and_on_a_gpu_without_fp8(monkeypatch):
     assert scaled_gemm.SCALED_GEMM.backends["torch"].requires(shape, get_dtype("fp8-row"), "cuda") == \
         "fp8-row matmul needs compute capability 8.9 or newer (this GPU: 8.0)"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 9))  # an L40S
-    assert scaled_gemm.SCALED_GEMM.backends["torch"].requires(shape, get_dtype("fp8-block"), "cuda") == \
+    torch_scaled = scaled_gemm.SCALED_GEMM.backends["torch"].requires
+    assert torch_scaled(scaled_gemm.ScaledGemmShape(16, 128, 256), get_dtype("fp8-block"), "cuda") == \
         "torch's 128 x 128 block-scaled fp8 GEMM runs on Hopper (sm_90) only"
+    assert torch_scaled(shape, get_dtype("fp8-block"), "cuda") == \
+        "torch's block-scaled fp8 GEMM needs whole 128 x 128 blocks (N=64, K=256)"
+    assert torch_scaled(shape, get_dtype("fp8-row"), "cuda") is None
     assert act_quant.ACT_QUANT.backends["triton"].requires(act_quant.ActQuantShape(4, 256), get_dtype("fp8"),
                                                            "cuda").startswith("per-tensor scaling needs")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from opbench.ops import packing
-from opbench.ops.base import OpFamily, all_of, high_precision_dtype, needs_triton_gpu
+from opbench.ops.base import OpFamily, all_of, high_precision_dtype, needs_capability, needs_triton_gpu
 from opbench.ops.dtypes import DType
 
 
@@ -69,7 +69,7 @@ def _per_token_groups(shape: ActQuantShape, dtype: DType, device: str) -> str | 
 
 
 @ACT_QUANT.backend("triton", impl="opbench/kernels/act_quant.py: one program per (token, group), amax and cast in "
-                                  "one pass", requires=all_of(_per_token_groups, needs_triton_gpu))
+                                  "one pass", requires=all_of(_per_token_groups, needs_triton_gpu, needs_capability))
 def triton_quant(inp: dict, dtype: DType, pass_: str):
     from opbench.kernels.act_quant import act_quant
 

@@ -74,6 +74,10 @@ def _torch_scaled(shape: ScaledGemmShape, dtype: DType, device: str) -> str | No
         return f"torch's scaled_mm needs M, N, K multiples of 16 (got {shape.m}x{shape.n}x{shape.k})"
     if dtype.act_block != (0, 0) and not hasattr(F, "scaled_mm"):
         return f"torch {torch.__version__} has no torch.nn.functional.scaled_mm (row and block scales)"
+    block_n, block_k = dtype.scale_block
+    if (block_n and shape.n % block_n) or (block_k and shape.k % block_k):
+        return (f"torch's block-scaled fp8 GEMM needs whole {block_n} x {block_k} blocks "
+                f"(N={shape.n}, K={shape.k})")
     if dtype.scale_block == (128, 128) and device == "cuda" and torch.cuda.get_device_capability()[0] != 9:
         return "torch's 128 x 128 block-scaled fp8 GEMM runs on Hopper (sm_90) only"
     return None

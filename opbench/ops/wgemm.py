@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from opbench.ops import packing
-from opbench.ops.base import OpFamily, all_of, high_precision_dtype, needs_triton_gpu
+from opbench.ops.base import OpFamily, all_of, high_precision_dtype, installed, needs_cuda, needs_triton_gpu
 from opbench.ops.dtypes import DType
 
 
@@ -119,3 +119,30 @@ def triton_wgemm(inp: dict, dtype: DType, pass_: str):
     w, packed = inp["int4"], inp["packed"]
     return lambda: wgemm_int4(x, packed, w.scales, w.zeros, w.group)
 
+
+
+def _torchao_configs():
+    """torchao's weight-only configs by their names across versions (newer: *Config classes)."""
+    import torchao.quantization as tq
+
+    if hasattr(tq, "Int4WeightOnlyConfig"):
+        return tq.Int8WeightOnlyConfig, tq.Int4WeightOnlyConfig
+    return tq.int8_weight_only, tq.int4_weight_only
+
+
+@WGEMM.backend("torchao", impl="torchao.quantization.quantize_ (int8 / int4 weight-only; int4: tinygemm, group "
+                               "as the format's), on a bf16 nn.Linear holding the dequantized weight",
+               requires=all_of(_groups_fit, installed("torchao", "torchao", "its weight-only quantized linear"),
+                               needs_cuda))
+def torchao_linear(inp: dict, dtype: DType, pass_: str):
+    from torchao.quantization import quantize_
+
+    x = inp["x"]
+    # The dequantized weight lies on the format's grid, so torchao's own min-max quantization of it
+    # finds the same codes (up to the rounding of scales and zeros in bf16): the gate still holds.
+    linear = torch.nn.Linear(x.shape[1], dequantized(inp).shape[0], bias=False, device=x.device, dtype=x.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(dequantized(inp).to(x.dtype))
+    int8_config, int4_config = _torchao_configs()
+    quantize_(linear, int4_config(group_size=dtype.group_along_k(x.shape[1])) if dtype.zero_bits else int8_config())
+    return lambda: linear(x)
