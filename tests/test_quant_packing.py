@@ -39,7 +39,7 @@ def test_int8_and_nf4_round_trip_their_codes():
     w = torch.randn(17, 192)
     q, s = packing.quantize_int8(w)
     assert q.dtype == torch.int8 and int(q.abs().max()) == 127
-    q2, s2 = packing.quantize_int8(packing.dequantize_int8(q, s).float())
+    q2, _ = packing.quantize_int8(packing.dequantize_int8(q, s).float())
     assert torch.equal(q2, q)
     codes, absmax = packing.quantize_nf4(w, 64)
     assert absmax.shape == (17, 3)

@@ -20,7 +20,6 @@ from opbench.ops.dtypes import get_dtype
 from opbench.spec.models import ZOO
 from opbench.spec.plan import plan
 from opbench.spec.workload import PlanError, Workload, parse_workload
-
 from tests.planned_runs import op_records, write_run
 
 GIB = 2**30
@@ -195,7 +194,7 @@ def test_estimate_command_reports_4bit_memory_and_fewer_gpus(tmp_path, capsys):
 
 
 def test_quantization_view_and_idealized_runtime_per_format(tmp_path):
-    plans, records, path = quantized_run(tmp_path)
+    plans, records, _ = quantized_run(tmp_path)
     composer = Composer(records)
     rows = format_rows(composer, plans)
     assert [(r.model, r.label) for r in rows] == [("tiny-q", "bf16"), ("tiny-q", "int8"), ("tiny-q", "int4")]

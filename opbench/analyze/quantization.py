@@ -8,8 +8,8 @@ by the composer, and each row says how many of its calls were measured.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 
 from opbench.analyze.compose import Composer, MissingMeasurement
 from opbench.analyze.estimate import memory
@@ -68,7 +68,8 @@ def format_rows(composer: Composer, plans: Iterable[Plan]) -> list[FormatRow]:
     return rows
 
 
-def _row(composer: Composer, model, dtype: str, weights: str, context: int, prompt: Workload | None) -> FormatRow | None:
+def _row(composer: Composer, model, dtype: str, weights: str, context: int,
+         prompt: Workload | None) -> FormatRow | None:
     decode_s, measured, calls = {}, 0, 0
     try:
         for batch in DECODE_BATCHES:

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 import torch
 
 from opbench.ops import packing
-from opbench.ops.base import OpFamily, all_of, high_precision_dtype, needs_capability, needs_triton_gpu
+from opbench.ops.base import (
+    OpFamily,
+    all_of,
+    high_precision_dtype,
+    needs_capability,
+    needs_triton_gpu,
+)
 from opbench.ops.dtypes import DType
 
 

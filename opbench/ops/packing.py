@@ -80,7 +80,6 @@ def quantize_int4(w: torch.Tensor, group: int, dtype: torch.dtype = torch.bfloat
 
 
 def dequantize_int4(w: Int4Weight) -> torch.Tensor:
-    n, k = w.codes.shape
     s = w.scales.double().repeat_interleave(w.group, 1)
     z = w.zeros.double().repeat_interleave(w.group, 1)
     return (w.codes.double() - INT4_OFFSET) * s + z

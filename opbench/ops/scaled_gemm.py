@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from opbench.ops import packing
-from opbench.ops.base import OpFamily, all_of, high_precision_dtype, needs_capability, needs_triton_gpu
+from opbench.ops.base import (
+    OpFamily,
+    all_of,
+    high_precision_dtype,
+    needs_capability,
+    needs_triton_gpu,
+)
 from opbench.ops.dtypes import DType
 
 
