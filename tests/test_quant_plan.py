@@ -213,3 +213,12 @@ def test_quantization_view_and_idealized_runtime_per_format(tmp_path):
     fast = idealized_runtime(composer, ZOO["tiny-q"], weights="int4", decode_context=200, prompt_tokens=(1, 16))
     slow = idealized_runtime(composer, ZOO["tiny-q"], decode_context=200, prompt_tokens=(1, 16))
     assert fast["runtime_per_output_token"] < slow["runtime_per_output_token"]
+
+
+def test_the_reference_units_leave_quantized_plans_out():
+    """The reference layer holds plain weights of the workload dtype: timing it for a w= plan would check
+    a quantized composition against an unquantized layer."""
+    from opbench.measure.units import unit_cases
+
+    plans = [plan(ZOO["tiny-q"], parse_workload(t)) for t in ("decode:b=4,s=200", "decode:b=4,s=200,w=int4")]
+    assert {c.plan.workload.weights for c in unit_cases(plans)} == {""}
