@@ -27,6 +27,7 @@ def rel_err(out, ref) -> float:
 @pytest.mark.parametrize("m", [1, 17, 80])
 @pytest.mark.parametrize("act", ["fp32", "fp16"])
 def test_triton_wgemm_int4_and_int8(m, act):
+    """Groups of 128 under tiles of 256 inputs: each tile's rows gather their groups' scales."""
     from opbench.kernels.wgemm import wgemm_int4, wgemm_int8
 
     torch.manual_seed(m)
@@ -40,6 +41,18 @@ def test_triton_wgemm_int4_and_int8(m, act):
     s8 = s8.to(dtype)
     y8 = wgemm_int8(x, q8, s8)
     assert rel_err(y8, x.double() @ packing.dequantize_int8(q8, s8).t()) < tol
+
+
+@pytest.mark.parametrize("m", [1, 80])
+def test_triton_wgemm_int4_one_group_a_tile(m):
+    """Groups of 512 over tiles of 256: a tile takes one row of scales; K = 1536, three groups."""
+    from opbench.kernels.wgemm import wgemm_int4
+
+    torch.manual_seed(m)
+    x, w = torch.randn(m, 1536), torch.randn(N, 1536) * 0.05
+    q = packing.quantize_int4(w, 512, torch.float32)
+    y = wgemm_int4(x, packing.pack_int4(q.codes), q.scales, q.zeros, 512)
+    assert rel_err(y, x.double() @ packing.dequantize_int4(q).t()) < 1e-5
 
 
 @pytest.mark.parametrize("m", [1, 17])

@@ -134,12 +134,16 @@ def test_fp8_skips_on_cpu_and_on_a_gpu_without_fp8(monkeypatch):
     assert scaled_gemm.SCALED_GEMM.backends["torch"].requires(shape, get_dtype("fp8-row"), "cuda") == \
         "fp8-row matmul needs compute capability 8.9 or newer (this GPU: 8.0)"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 9))  # an L40S
+    monkeypatch.setattr(scaled_gemm, "probe", lambda key, call: None)  # no GPU here to try the kernel on
     torch_scaled = scaled_gemm.SCALED_GEMM.backends["torch"].requires
     assert torch_scaled(scaled_gemm.ScaledGemmShape(16, 128, 256), get_dtype("fp8-block"), "cuda") == \
         "torch's 128 x 128 block-scaled fp8 GEMM runs on Hopper (sm_90) only"
     assert torch_scaled(shape, get_dtype("fp8-block"), "cuda") == \
         "torch's block-scaled fp8 GEMM needs whole 128 x 128 blocks (N=64, K=256)"
     assert torch_scaled(shape, get_dtype("fp8-row"), "cuda") is None
+    monkeypatch.setattr(scaled_gemm, "probe", lambda key, call: "RuntimeError: no rowwise kernel")
+    assert torch_scaled(shape, get_dtype("fp8-row"), "cuda") == \
+        "torch's scaled GEMM does not take fp8-row scales here (RuntimeError: no rowwise kernel)"
     assert act_quant.ACT_QUANT.backends["triton"].requires(act_quant.ActQuantShape(4, 256), get_dtype("fp8"),
                                                            "cuda").startswith("per-tensor scaling needs")
 
@@ -222,3 +226,15 @@ def test_the_reference_units_leave_quantized_plans_out():
 
     plans = [plan(ZOO["tiny-q"], parse_workload(t)) for t in ("decode:b=4,s=200", "decode:b=4,s=200,w=int4")]
     assert {c.plan.workload.weights for c in unit_cases(plans)} == {""}
+
+
+def test_a_failing_probe_is_remembered_with_the_librarys_words():
+    from opbench.ops import base
+
+    calls = []
+
+    def fail():
+        calls.append(1)
+        raise RuntimeError("no kernel image for this device\nmore")
+    assert base.probe(("test-probe",), fail) == "RuntimeError: no kernel image for this device"
+    assert base.probe(("test-probe",), fail) == "RuntimeError: no kernel image for this device" and len(calls) == 1

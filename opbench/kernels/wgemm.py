@@ -9,7 +9,8 @@ At M <= 64 (decode) the K loop is split across SPLIT_K programs, as in kernels/m
 kernel: a short GEMM is the weight's bytes over HBM bandwidth only if enough programs stream it. The
 splits add fp32 partial sums atomically into a zeroed buffer; the last split of a tile to arrive (a
 counter per tile) writes the output. Each split takes whole BLOCK_K blocks; only the tail of K is
-masked. BLOCK_K need not divide the group: the scales are gathered per row of the tile.
+masked. Where BLOCK_K divides the group a tile takes one row of scales and zeros; otherwise each row of
+the tile gathers its own (GROUP is a compile-time constant, so the choice costs nothing at run time).
 
 Offsets are int64. Under TRITON_INTERPRET=1 one small configuration with an uneven split runs.
 """
@@ -25,7 +26,7 @@ import triton.language as tl
 
 @triton.jit
 def _wgemm_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, sum_ptr, count_ptr, M, N, K, GROUP,
+    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, sum_ptr, count_ptr, M, N, K, GROUP: tl.constexpr,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_ym, stride_yn,
     INT4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
@@ -53,9 +54,14 @@ def _wgemm_kernel(
             byte = tl.load(w_ptr + offs_n[None, :] * stride_wn + (ks[:, None] // 2) * stride_wk,
                            mask=in_k[:, None], other=0)
             code = ((byte >> ((ks[:, None] % 2) * 4).to(tl.uint8)) & 0xF).to(tl.float32)
-            g = ks[:, None] // GROUP
-            s = tl.load(s_ptr + offs_n[None, :] * stride_sn + g * stride_sg, mask=in_k[:, None], other=0.0)
-            z = tl.load(z_ptr + offs_n[None, :] * stride_sn + g * stride_sg, mask=in_k[:, None], other=0.0)
+            if GROUP % BLOCK_K == 0:  # the tile lies in one group: one scale and zero per column
+                g = k0 // GROUP
+                s = tl.load(s_ptr + offs_n[None, :] * stride_sn + g * stride_sg)
+                z = tl.load(z_ptr + offs_n[None, :] * stride_sn + g * stride_sg)
+            else:  # the tile spans groups: each row of it gathers its own
+                g = ks[:, None] // GROUP
+                s = tl.load(s_ptr + offs_n[None, :] * stride_sn + g * stride_sg, mask=in_k[:, None], other=0.0)
+                z = tl.load(z_ptr + offs_n[None, :] * stride_sn + g * stride_sg, mask=in_k[:, None], other=0.0)
             w = ((code - 8.0) * s.to(tl.float32) + z.to(tl.float32)).to(x.dtype)
         else:  # int8 values are exact in the activation dtype; the row scale comes after the loop
             w = tl.load(w_ptr + offs_n[None, :] * stride_wn + ks[:, None] * stride_wk,

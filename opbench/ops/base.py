@@ -157,6 +157,22 @@ def needs_capability(shape, dtype: DType, device: str) -> str | None:
     return None
 
 
+_PROBED: dict[tuple, str | None] = {}
+
+
+def probe(key: tuple, call: Callable[[], Any]) -> str | None:
+    """Why `call` (a tiny run of a library op) fails here, or None: once per key, for ops whose support
+    depends on the build, the device and the dtype in ways no attribute tells (private torch kernels)."""
+    if key not in _PROBED:
+        try:
+            call()
+            _PROBED[key] = None
+        except Exception as error:  # the library's own words, first line
+            _PROBED[key] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}" if str(error) \
+                else type(error).__name__
+    return _PROBED[key]
+
+
 def all_of(*checks: Requires) -> Requires:
     def requires(shape, dtype: DType, device: str) -> str | None:
         for check in checks:

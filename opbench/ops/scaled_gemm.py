@@ -15,13 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from opbench.ops import packing
-from opbench.ops.base import (
-    OpFamily,
-    all_of,
-    high_precision_dtype,
-    needs_capability,
-    needs_triton_gpu,
-)
+from opbench.ops.base import OpFamily, all_of, high_precision_dtype, needs_capability, needs_triton_gpu, probe
 from opbench.ops.dtypes import DType
 
 
@@ -86,7 +80,11 @@ def _torch_scaled(shape: ScaledGemmShape, dtype: DType, device: str) -> str | No
                 f"(N={shape.n}, K={shape.k})")
     if dtype.scale_block == (128, 128) and device == "cuda" and torch.cuda.get_device_capability()[0] != 9:
         return "torch's 128 x 128 block-scaled fp8 GEMM runs on Hopper (sm_90) only"
-    return None
+    if device != "cuda":
+        return None  # needs_capability has the reason
+    tiny = ScaledGemmShape(128, 128, 128)
+    failed = probe(("scaled_mm", dtype.name), lambda: torch_scaled(inputs(tiny, dtype, "fwd", device), dtype, "fwd")())
+    return f"torch's scaled GEMM does not take {dtype.name} scales here ({failed})" if failed else None
 
 
 @SCALED_GEMM.backend("torch", impl="torch._scaled_mm (per tensor); torch.nn.functional.scaled_mm with row-wise or "

@@ -15,14 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from opbench.ops import packing
-from opbench.ops.base import (
-    OpFamily,
-    all_of,
-    high_precision_dtype,
-    installed,
-    needs_cuda,
-    needs_triton_gpu,
-)
+from opbench.ops.base import OpFamily, all_of, high_precision_dtype, installed, needs_cuda, needs_triton_gpu, probe
 from opbench.ops.dtypes import DType
 
 
@@ -83,11 +76,17 @@ def _groups_fit(shape: WGemmShape, dtype: DType, device: str) -> str | None:
 
 
 def _torch_packed(shape: WGemmShape, dtype: DType, device: str) -> str | None:
-    """What torch's packed kernels need of this build and shape."""
+    """What torch's packed kernels need of this build, device and shape; the kernel is tried once on
+    a tiny weight, since whether a device has it depends on the build."""
     reason = _groups_fit(shape, dtype, device)
-    if reason or not dtype.zero_bits:
-        return reason if reason else (None if hasattr(torch, "_weight_int8pack_mm") else
-                                      f"torch {torch.__version__} has no torch._weight_int8pack_mm")
+    if reason:
+        return reason
+    if not dtype.zero_bits:
+        if not hasattr(torch, "_weight_int8pack_mm"):
+            return f"torch {torch.__version__} has no torch._weight_int8pack_mm"
+        failed = probe(("int8pack", device), lambda: torch_packed(inputs(WGemmShape(1, 16, 32), dtype, "fwd", device),
+                                                                  dtype, "fwd")())
+        return f"torch._weight_int8pack_mm does not run on {device} here ({failed})" if failed else None
     name = "_weight_int4pack_mm_for_cpu" if device == "cpu" else "_weight_int4pack_mm"
     if not hasattr(torch, name):
         return f"torch {torch.__version__} has no torch.{name}"
@@ -97,7 +96,9 @@ def _torch_packed(shape: WGemmShape, dtype: DType, device: str) -> str | None:
         return f"torch's CPU int4 layout needs N a multiple of 16 (N={shape.n})"
     if device == "cuda" and torch.cuda.get_device_capability() < (8, 0):
         return "torch._weight_int4pack_mm needs an Ampere or newer GPU (tinygemm)"
-    return None
+    failed = probe(("int4pack", device), lambda: torch_packed(inputs(WGemmShape(1, 16, 128), dtype, "fwd", device),
+                                                              dtype, "fwd")())
+    return f"torch.{name} does not run on {device} here ({failed})" if failed else None
 
 
 @WGEMM.backend("torch", impl="torch._weight_int8pack_mm (int8); torch._weight_int4pack_mm / its CPU variant "
