@@ -29,7 +29,7 @@ def op_records(plans: Iterable[Plan], seconds: Callable[[OpCall], float] = lambd
     cases: dict[tuple, OpCase] = {}
     for p in plans:
         for c in p.all_calls:
-            dtype = case_dtype(c.op, p.workload.dtype)
+            dtype = case_dtype(c.op, p.workload.dtype, p.workload.weights)
             key = (c.op, c.shape, dtype, c.pass_)
             if c.op in leave_out or key in cases:
                 continue

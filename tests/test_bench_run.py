@@ -115,7 +115,7 @@ def test_json_records_plans_machine_and_summary(smoke_run):
     _, data, stdout = smoke_run
     section = data["opbench"]
     assert section["profile"] == "smoke" and section["device"] == "cpu"
-    assert {p["model"]["name"] for p in section["plans"]} == {"tiny", "tiny-alt"}
+    assert {p["model"]["name"] for p in section["plans"]} == {m for m, _ in PROFILES["smoke"].pairs}
     assert data["machine_info"]["gpu"]["available"] is False and data["machine_info"]["gpu"]["reason"]
     assert data["machine_info"]["software"]["torch"]
     assert "opbench summary" in stdout and "TFLOP/s" in stdout

@@ -17,9 +17,9 @@ from opbench.text import format_seconds
 # bright, in MODULE_ORDER), so that a colour never means both a dtype and a module on one page.
 DTYPE_PALETTE = ("#E69F00", "#009E73", "#0072B2", "#CC79A7", "#D55E00", "#56B4E9", "#F0E442", "#000000")
 MODULE_PALETTE = ("#4477AA", "#EE6677", "#228833", "#CCBB44", "#66CCEE", "#AA3377", "#994F00", "#555555", "#BBBBBB")
-# On the roofline a family is a marker, filled, then the same markers hollow: 20 shapes, one per family
+# On the roofline a family is a marker, filled, then the same markers hollow: 30 shapes, one per family
 # in FAMILIES order (so a family keeps its marker from report to report), and a dtype is a colour.
-FAMILY_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", "p", "h")
+FAMILY_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", "p", "h", "*", ">", "d", "H", "8")
 LEGEND_GREY = "#555555"  # the family entries of the legend: their marker alone tells them apart
 MAX_BARS = 60  # a breakdown chart taller than this many workloads is no longer read
 

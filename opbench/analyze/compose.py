@@ -229,10 +229,11 @@ class Composer:
                 self._exact[key] = m
         self._fits: dict[tuple, tuple[float, float]] = {}
 
-    def time(self, op: str, shape, dtype: str, pass_: str,
-             role: str = "") -> tuple[float, str, str | None, float | None]:
-        """(seconds per call, source, backend, joules per call) for one call."""
-        dtype = case_dtype(op, dtype)
+    def time(self, op: str, shape, dtype: str, pass_: str, role: str = "",
+             weights: str = "") -> tuple[float, str, str | None, float | None]:
+        """(seconds per call, source, backend, joules per call) for one call of a workload of `dtype`
+        and weight format `weights`."""
+        dtype = case_dtype(op, dtype, weights)
         key = shape_key(shape)
         exact = self._exact.get((op, key, dtype, pass_))
         if exact is not None:
@@ -317,19 +318,21 @@ class Composer:
             self._fits[key] = fit_roofline([(m.flops, m.bytes, m.median_s) for m in cases]) if cases else None
         return self._fits[key]
 
-    def measured(self, call: OpCall, dtype: str) -> bool:
+    def measured(self, call: OpCall, dtype: str, weights: str = "") -> bool:
         """Whether the call's very case was measured (not interpolated, not modeled)."""
-        return (call.op, shape_key(call.shape), case_dtype(call.op, dtype), call.pass_) in self._exact
+        return (call.op, shape_key(call.shape), case_dtype(call.op, dtype, weights), call.pass_) in self._exact
 
     def compose(self, plan: Plan) -> Breakdown:
         fusions = ()
         if self.fused:
-            fusions = tuple(f for f in plan.fusions if all(self.measured(c, plan.workload.dtype) for c in f.calls))
+            fusions = tuple(f for f in plan.fusions if all(self.measured(c, plan.workload.dtype, plan.workload.weights)
+                                                         for c in f.calls))
             plan = plan.fuse(fusions)
         calls, missing = [], {}
         for c in plan.calls:
             try:
-                t, source, backend, energy = self.time(c.op, c.shape, plan.workload.dtype, c.pass_, c.role)
+                t, source, backend, energy = self.time(c.op, c.shape, plan.workload.dtype, c.pass_, c.role,
+                                                           plan.workload.weights)
             except MissingMeasurement:
                 missing.setdefault(c.op, []).append(c.role)
                 continue

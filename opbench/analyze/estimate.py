@@ -8,9 +8,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 from opbench.analyze.compose import Breakdown, CallTime, Composer
-from opbench.ops.dtypes import DTYPES
+from opbench.ops.dtypes import DTYPES, WEIGHT_FORMATS
 from opbench.spec.models import ModelConfig
-from opbench.spec.workload import Workload
+from opbench.spec.workload import PlanError, Workload
 from opbench.spec.plan import layer_params_per_gpu, plan
 
 HELM_PROMPT_TOKENS = (1, 16, 32, 64, 128, 256, 512, 1024, 1536, 2048)
@@ -47,10 +47,14 @@ def memory(model: ModelConfig, w: Workload, recompute: bool = False) -> Memory:
     dtype; in training bf16 gradients, fp32 AdamW state with fp32 master weights (12 B/param), and
     stored activations per Korthikanti et al. 2022 (arXiv 2205.05198) with attention scores never
     materialised: s*b*h*(10 + 24/tp) bytes per layer, or with full recomputation each layer's
-    input alone, 2*s*b*h, plus the full set of the one layer whose forward is being recomputed."""
+    input alone, 2*s*b*h, plus the full set of the one layer whose forward is being recomputed.
+    With a weight format (w.weights) the decoder layers' linear weights are stored in it, packed, with
+    their scales and zeros; embeddings, LM head and norms stay in the workload dtype."""
     dtype = DTYPES[w.dtype]
     tp, act = w.tp, dtype.activation
     weights = dtype.bytes_of(model.params) // tp
+    if w.weights:
+        weights = quantized_weight_bytes(model, w)
     if model.moe and w.ep > 1:
         layers = sum(layer_params_per_gpu(model, w, model.moe_layer(i)) for i in range(model.layers))
         weights = dtype.bytes_of(layers + model.embedding_params // tp)
@@ -64,6 +68,32 @@ def memory(model: ModelConfig, w: Workload, recompute: bool = False) -> Memory:
     activations = model.layers * 2 * tokens_hidden + one_layer if recompute else model.layers * one_layer
     trained = trained_params(model, w)
     return Memory(weights, 0, activations, 2 * trained, 12 * trained)
+
+
+def linear_weights(model: ModelConfig) -> list[tuple[int, int]]:
+    """(out, in) of each linear weight of a dense decoder layer: qkv, o, the MLP's (an MLA attention's
+    projections counted as one weight of its parameters over the hidden size)."""
+    h = model.hidden
+    if model.mla:
+        attention = [(model.attention_params // h, h)]
+    else:
+        attention = [(model.heads * model.head_dim + model.kv_heads * (model.head_dim + model.value_dim), h),
+                     (h, model.heads * model.value_dim)]
+    up = (2 if model.gated else 1) * model.ffn_hidden
+    return attention + [(up, h), (h, model.ffn_hidden)]
+
+
+def quantized_weight_bytes(model: ModelConfig, w: Workload) -> int:
+    """Weights per GPU with the decoder layers' linear weights in the workload's weight format (packed
+    values, scales and zeros at their bits, sharded by tp) and every other weight in the workload dtype."""
+    if model.moe:
+        raise PlanError(f"w={w.weights}: quantized expert weights are not planned yet ({model.name} is a mixture "
+                        "of experts)")
+    fmt, plain = WEIGHT_FORMATS[w.weights], DTYPES[w.dtype]
+    pairs = linear_weights(model)
+    quantized = model.layers * sum(fmt.weight_bytes(n, k) for n, k in pairs)
+    rest = model.params - model.layers * sum(n * k for n, k in pairs)
+    return (quantized + plain.bytes_of(rest)) // w.tp
 
 
 def trained_params(model: ModelConfig, w: Workload) -> int:
@@ -168,14 +198,15 @@ def _training_extras(b: Breakdown, opts: TrainOptions, collective_s: CollectiveT
 
 def idealized_runtime(composer: Composer, model: ModelConfig, *, tp: int = 1, dtype: str = "bf16",
                       decode_context: int = 1024, prompt_tokens=HELM_PROMPT_TOKENS,
-                      cost_aware: bool = False, ep: int = 1) -> dict:
+                      cost_aware: bool = False, ep: int = 1, weights: str = "") -> dict:
     """HELM's idealized runtime: runtime(p, o) = prompt_cost(p) + (o - 1) x per_output_token, at batch
     1. The per-token cost is a decode step at `decode_context` tokens of context. cost_aware
-    multiplies by the GPUs used (the tensor-parallel degree, or the expert-parallel one)."""
+    multiplies by the GPUs used (the tensor-parallel degree, or the expert-parallel one). weights: the
+    linear layers' weight format ("" in `dtype`), so each format has its own runtime."""
     scale = Workload("decode", 1, 1, tp=tp, ep=ep).gpus if cost_aware else 1
 
     def seconds(phase: str, length: int) -> float:
-        w = Workload(phase, 1, length, tp=tp, dtype=dtype, ep=ep)
+        w = Workload(phase, 1, length, tp=tp, dtype=dtype, ep=ep, weights=weights)
         return composer.compose(plan(model, w)).total_s * scale
 
     prompts = [p for p in prompt_tokens if p <= model.max_seq_len]

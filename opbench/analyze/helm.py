@@ -69,14 +69,14 @@ def helm_runtime(entry: dict, prompt_tokens: int, output_tokens: int) -> float:
 
 
 def helm_entry(composer: Composer, model: ModelConfig, *, tp: int = 1, dtype: str = "bf16", decode_context: int = 1024,
-               form: str = "idealized", overhead_s: float = 0.0, cost_aware: bool = False) -> dict:
+               form: str = "idealized", overhead_s: float = 0.0, cost_aware: bool = False, weights: str = "") -> dict:
     """One model's entry at batch 1: HELM's prompt lengths (those within the model's context), the
     per-token cost of a decode step at decode_context, and in the denoised form the overhead."""
     if form not in FORMS:
         raise PlanError(f"HELM form {form!r}: one of {', '.join(FORMS)}")
     prompts = IDEALIZED_PROMPT_TOKENS if form == "idealized" else DENOISED_PROMPT_TOKENS
     entry = idealized_runtime(composer, model, tp=tp, dtype=dtype, decode_context=decode_context,
-                              prompt_tokens=prompts, cost_aware=cost_aware)
+                              prompt_tokens=prompts, cost_aware=cost_aware, weights=weights)
     if form == "denoised":
         entry["overhead"] = overhead_s * (tp if cost_aware else 1)
     return entry
@@ -200,7 +200,8 @@ def _command(args) -> int:
             return 0
     else:
         data = {name: helm_entry(composer, model, tp=args.tp, dtype=args.dtype, decode_context=args.decode_context,
-                                 form=args.form, overhead_s=args.overhead, cost_aware=args.cost_aware)}
+                                 form=args.form, overhead_s=args.overhead, cost_aware=args.cost_aware,
+                                 weights=args.weights)}
     text = json.dumps(data, indent=1)
     if args.output:
         write_file(args.output, text + "\n")

@@ -23,6 +23,7 @@ from opbench.measure.peaks import comparison_rows, datasheet_for, measured_peaks
 from opbench.analyze.roofline import Ceilings, bound, run_ceilings
 from opbench.analyze.compose import Breakdown, run_breakdowns
 from opbench.analyze.runs import Run, device_label, environment, label, load_run, resolve_run, shape_id, used_gpu
+from opbench.measure.summary import quantization_rows
 from opbench.record import OpCase
 from opbench.text import format_flops, format_seconds, roles_cell, write_file
 
@@ -173,6 +174,16 @@ def _cell(m: OpCase, ceil: Ceilings | None, best: bool) -> str:
             f"<br><span class=sub>{_e(_rate(m))}{_e(roof)}</span>{throttled}</td>")
 
 
+def _quantization_html(section: dict) -> str:
+    """Each weight format of a model side by side: memory, decode step per batch, prefill."""
+    rows = quantization_rows(section.get("quantization") or [])
+    if not rows:
+        return "<p>No weight format measured (workloads with w=int8, w=int4, w=fp8-row, ... add one).</p>"
+    return (_table(rows[0], rows[1:], numeric_from=2)
+            + "<p>Composed from the run's cases: decode batches it did not measure are interpolated or modeled; "
+              "'measured calls' says how many of the calls were timed as such.</p>")
+
+
 def _op_tables_html(run: Run, ceil: Ceilings | None) -> str:
     by_op: dict[str, dict[tuple, dict[str, OpCase]]] = defaultdict(lambda: defaultdict(dict))
     for m in run.measurements:
@@ -291,6 +302,7 @@ def build_report(run: Run, base: Run | None = None, ceilings_run: Run | None = N
         sections.append(("trends", "Trends", lambda: _trends_html(history)))
     sections += [("roofline", "Roofline", lambda: _roofline_html(run, ceil)),
                  ("breakdown", "Module-wise breakdown", lambda: _breakdown_html(run_breakdowns(run.section))),
+                 ("quantization", "Weight formats", lambda: _quantization_html(run.section)),
                  ("tradeoff", "Trade-off frontier", lambda: _tradeoff_html(run, tradeoff_models)),
                  ("ops", "Per-op results", lambda: _op_tables_html(run, ceil)),
                  ("peaks", "Measured peaks", lambda: _peaks_html(run)),

@@ -14,6 +14,8 @@ from opbench.record import OpCase, UnitCase
 from opbench.analyze.estimate import TrainOptions, compose_estimate, estimate_from, fewest_gpus
 from opbench.spec.models import get_model
 from opbench.measure.peaks import datasheet_for
+from opbench.ops.dtypes import WEIGHT_FORMATS
+from opbench.analyze.quantization import format_rows
 from opbench.analyze.runs import Run, RunError, device_label, load_run, used_gpu
 from opbench.text import device_noun, format_flops, format_seconds, positive
 from opbench.measure.selection import measure_command
@@ -28,7 +30,7 @@ def compose_session(plans: Iterable[Plan], cases: Iterable[OpCase], units: Itera
     """Every plan composed from the run's op cases, and the units timed whole checked against their
     composition. peak_tflops: the GPU's datasheet dense TFLOP/s per dtype, for MFU (None: no MFU).
     What could not be composed is listed once: the plans, the ops they lack, one command measuring them."""
-    cases = list(cases)
+    cases, plans = list(cases), list(plans)
     composer, eager = Composer(cases, policy, fused=fused), Composer(cases, "eager", fused=fused)
     out: dict = {"policy": policy, "fused": fused, "breakdowns": [], "estimates": [], "validation": [],
                  "missing": []}
@@ -56,6 +58,7 @@ def compose_session(plans: Iterable[Plan], cases: Iterable[OpCase], units: Itera
                                   "stable": bool(u.stability and u.stability.stable),
                                   "ci_rel": u.stability.ci_rel if u.stability else None})
     plans_by_name = {p.name: p for p in plans}
+    out["quantization"] = [r.to_dict() for r in format_rows(composer, plans)]
     for what, entries, backends in (("plans", [m for m in out["missing"] if "unit" not in m], ()),
                                     ("units", [m for m in out["missing"] if "unit" in m], ("eager",))):
         if entries:
@@ -96,6 +99,9 @@ def model_options(p) -> None:
                    help="mixtures of experts: expert-parallel GPUs, a multiple of --tp (default 1); the all-to-alls "
                         "come from --collectives' fits or the --fabric profile")
     p.add_argument("--dtype", default="bf16", help="workload dtype (default bf16)")
+    p.add_argument("--weights", default="", choices=["", *WEIGHT_FORMATS], metavar="FORMAT",
+                   help=f"the decoder layers' linear weights: {', '.join(WEIGHT_FORMATS)} (default: in --dtype); "
+                        "nf4 with --phase finetune is QLoRA")
     p.add_argument("--policy", default="fastest",
                    help=f"backends to compose from: {', '.join(POLICIES)} (default fastest), or a backend's name "
                         "or glob (sdpa*)")
@@ -134,7 +140,7 @@ def _estimate_command(args) -> int:
     run, composer = composer_from_args(args)
     model = get_model(args.model)
     w = Workload(args.phase, args.batch, args.context, tp=args.tp, dtype=args.dtype, lora_rank=args.lora_rank,
-                 ep=args.ep, skew=args.skew)
+                 ep=args.ep, skew=args.skew, weights=args.weights)
     sheet = datasheet_for((used_gpu(run.machine_info) or {}).get("name"))
     peak = sheet.matmul_tflops.get(args.dtype) if sheet else None
     train = TrainOptions(recompute=args.recompute, dp=args.dp, overlap=not args.no_overlap)

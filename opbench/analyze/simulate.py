@@ -517,6 +517,9 @@ def _command(args) -> int:
     from opbench.analyze import session
 
     started = time.perf_counter()
+    if args.weights:  # the serving configurations carry no weight format yet
+        raise PlanError(f"--weights {args.weights}: `opbench simulate` composes weights in --dtype only; "
+                        "`opbench estimate` and `opbench idealized` take a weight format")
     run, composer = session.composer_from_args(args)
     model = get_model(args.model)
     config = ServingConfig(args.tp, args.dtype, args.mode, args.max_seqs, args.token_budget)

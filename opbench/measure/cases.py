@@ -30,9 +30,16 @@ class Case:
         return f"{get_family(self.op).id_of(self.shape)}-{self.dtype}-{self.pass_}-{self.backend}"
 
 
-def case_dtype(op: str, dtype: str) -> str | None:
-    """The dtype an op runs in for a workload of `dtype` (its family decides; unmeasured ops keep it)."""
-    return get_family(op).case_dtype(dtype) if op in FAMILIES else dtype
+def case_dtype(op: str, dtype: str, weights: str = "") -> str | None:
+    """The dtype an op runs in for a workload of `dtype` and weight format `weights` ("" for weights in
+    the workload dtype): the format for the quantized linear layers' ops, else as the family decides;
+    unmeasured ops keep the workload's."""
+    if op not in FAMILIES:
+        return dtype
+    family = get_family(op)
+    if family.weight_format:
+        return weights if weights in family.dtypes else None
+    return family.case_dtype(dtype)
 
 
 def build_cases(plans: Iterable[Plan], op: str, backends: Iterable[str] | None = None) -> list[Case]:
@@ -43,7 +50,7 @@ def build_cases(plans: Iterable[Plan], op: str, backends: Iterable[str] | None =
     family = get_family(op)
     roles: dict[tuple, list[str]] = {}
     for p in plans:
-        dtype = case_dtype(op, p.workload.dtype)
+        dtype = case_dtype(op, p.workload.dtype, p.workload.weights)
         if dtype is None:
             continue
         for call in p.all_calls:

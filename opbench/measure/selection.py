@@ -45,12 +45,16 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
             # a dense layer and a MoE layer; expert parallelism over two GPUs with skewed routing gives
             # the collectives run its uneven all-to-all
             + tuple(("tiny-moe", w) for w in ("prefill:b=2,s=96", "decode:b=4,s=200", "train:b=2,s=96",
-                                              "decode:b=4,s=200,ep=2,skew=1.2")),
+                                              "decode:b=4,s=200,ep=2,skew=1.2"))
+            # weight-only int8 and int4 beside bf16 (torch's CPU packed kernels), composed into decode
+            # and prefill estimates with their memory
+            + tuple(("tiny-q", w) for w in ("prefill:b=2,s=96", "decode:b=4,s=200", "decode:b=4,s=200,w=int8",
+                                            "decode:b=4,s=200,w=int4", "prefill:b=2,s=96,w=int4")),
             ("fp32", "bf16"), budget_s=0.02, min_rounds=3,
             about="the tiny models, fast on a CPU: checks that every case runs", collective_max_bytes=2**15,
             # fp16 rather than bf16: torch's CPU LayerNorm backward accumulates the bf16 weight
             # gradient in bf16 (1.3% off), which the correctness gate rightly fails
-            model_dtypes={"tiny-alt": ("fp32", "fp16")}),
+            model_dtypes={"tiny-alt": ("fp32", "fp16"), "tiny-q": ("bf16",)}),
     Profile("default",
             tuple(("llama-3-8b", w) for w in _LLAMA3_8B) + tuple(("llama-3-70b", w) for w in _LLAMA3_70B_TP8),
             ("bf16",), budget_s=0.2, min_rounds=5,
@@ -87,6 +91,11 @@ class Selection:
         return {op: names for op, names in backends.items() if not any(map(self.allows, names))}
 
 
+def quantized(text: str) -> bool:
+    """Whether a workload names a weight format (w=), whose activation dtype is then the workload's."""
+    return bool(parse_workload(text).weights)
+
+
 def _split(values: list[str] | None) -> list[str]:
     return [v.strip() for item in values or () for v in item.split(",") if v.strip()]
 
@@ -119,9 +128,13 @@ def select(*, profile: str | None, device: str, models: list[str] | None = None,
         for model_name, text in pairs:
             model = configs.setdefault(model_name, get_model(model_name))
             for d in given_dtypes or prof.model_dtypes.get(model_name, prof.dtypes):
-                w = parse_workload(text, d)
+                w = parse_workload(text) if quantized(text) else parse_workload(text, d)
                 if w.ep > 1 and not model.moe and not workload_texts_given:
                     continue  # a profile's expert-parallel workload is for its mixtures of experts
+                if w.weights and (w.dtype != d or model.moe):
+                    if workload_texts_given:  # the format's activation dtype, or an unplannable model: say so
+                        parse_workload(text, d) if w.dtype != d else plan(model, w)
+                    continue  # a profile's quantized workload runs once, in its format's activation dtype
                 plans.append(plan(model, w))
     except (ConfigError, PlanError, ValueError) as error:
         raise SelectionError(str(error)) from None

@@ -78,6 +78,7 @@ def composition_lines(result: dict, device: str = "cuda") -> list[str]:
                      + (" (units compose from eager backends)" if what == "units" else ""))
         if result.get(f"measure_{what}"):
             lines.append(f"  measure them with: {result[f'measure_{what}']}")
+    lines += quantization_lines(result.get("quantization") or [])
     if result["validation"]:
         lines.append("composed vs measured (units run torch's eager ops; no all-reduce, no optimizer step):")
         for v in result["validation"]:
@@ -85,3 +86,31 @@ def composition_lines(result: dict, device: str = "cuda") -> list[str]:
             lines.append(f"  {v['plan']} {v['unit']}: measured {format_seconds(v['measured_s'])}, "
                          f"composed {format_seconds(v['composed_s'])}, error {v['error_pct']:+.1f}%{flag}")
     return lines
+
+
+def quantization_rows(rows: list[dict]) -> list[tuple]:
+    """The quantization view as table rows (header first): per model and weight format, memory, decode
+    step per batch, prefill, and the decode speed-up over the model's unquantized weights at batch 1."""
+    if not rows:
+        return []
+    batches = list(rows[0]["decode_s"])
+    table = [("model", "weights", "memory", "weights GiB", *(f"decode b={b}" for b in batches), "prefill",
+              "b=1 speed-up", "measured calls")]
+    plain = {r["model"]: r for r in rows if not r["weights"]}
+    for r in rows:
+        base = plain.get(r["model"])
+        speedup = base["decode_s"][batches[0]] / r["decode_s"][batches[0]] if base else None
+        table.append((r["model"], r["weights"] or r["dtype"], f"{r['memory_bytes'] / 2**30:.4g} GiB",
+                      f"{r['weights_bytes'] / 2**30:.4g}", *(format_seconds(r["decode_s"][b]) for b in batches),
+                      format_seconds(r["prefill_s"]) if r["prefill_s"] is not None else "-",
+                      f"{speedup:.2f}x" if speedup else "-", f"{r['measured_calls']}/{r['calls']}"))
+    return table
+
+
+def quantization_lines(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    where = "; ".join(dict.fromkeys(f"{r['model']}: decode at context {r['context']}, prefill of "
+                                    f"{r['prompt_tokens']} tokens" for r in rows))
+    return [f"quantization view ({where}; memory per device at decode batch 1, weights and KV cache):",
+            *table_lines(quantization_rows(rows), indent="  ")]

@@ -44,6 +44,9 @@ class OpFamily:
     runs_in: str | None = None  # the one dtype the op runs in whatever the workload's (else: `dtypes`)
     # what a shape holds but does not show (ragged sizes derived from it), for `opbench plan`; None: nothing
     describe: Callable[[Any], str] | None = None
+    # Its cases run in the workload's weight format (`w=int4`: dtype int4), not in the workload's dtype:
+    # the quantized linear layers' ops.
+    weight_format: bool = False
 
     def backend(self, name: str, *, impl: str, requires: Requires | None = None):
         """Decorator: register `prepare` as backend `name`."""
@@ -152,6 +155,22 @@ def needs_capability(shape, dtype: DType, device: str) -> str | None:
     if (major, minor) < dtype.min_capability:
         return f"{dtype.name} matmul needs compute capability {need} or newer (this GPU: {major}.{minor})"
     return None
+
+
+_PROBED: dict[tuple, str | None] = {}
+
+
+def probe(key: tuple, call: Callable[[], Any]) -> str | None:
+    """Why `call` (a tiny run of a library op) fails here, or None: once per key, for ops whose support
+    depends on the build, the device and the dtype in ways no attribute tells (private torch kernels)."""
+    if key not in _PROBED:
+        try:
+            call()
+            _PROBED[key] = None
+        except Exception as error:  # the library's own words, first line
+            _PROBED[key] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}" if str(error) \
+                else type(error).__name__
+    return _PROBED[key]
 
 
 def all_of(*checks: Requires) -> Requires:

@@ -131,7 +131,7 @@ def needs_grouped_mm(s: GroupedGemmShape, dtype: DType, device: str) -> str | No
         return f"torch {torch.__version__} has no torch.nn.functional.grouped_mm (torch 2.9 or newer)"
     if (s.n * dtype.bytes) % 16 or (s.k * dtype.bytes) % 16:
         return f"torch.nn.functional.grouped_mm needs rows of a multiple of 16 bytes (n={s.n}, k={s.k}, {dtype.name})"
-    if device == "cuda" and dtype.name != "bf16":
+    if device == "cuda" and dtype.torch != torch.bfloat16:
         return "torch.nn.functional.grouped_mm takes bf16 on CUDA"
     return None
 

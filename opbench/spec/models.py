@@ -220,6 +220,10 @@ ZOO: dict[str, ModelConfig] = {m.name: m for m in (
     ModelConfig(name="tiny-alt", hidden=160, layers=2, heads=5, kv_heads=5, head_dim=32, ffn_hidden=432,
                 vocab=999, max_seq_len=512, norm="layernorm", activation="geglu", rotary="gptj",
                 sliding_window=64, source=TEST_MODEL),
+    # Quantized weights on a CPU: widths multiples of 128, so int4's groups of 128 divide every K and
+    # torch's CPU int4 layout (N a multiple of 16) takes every weight.
+    ModelConfig(name="tiny-q", hidden=256, layers=2, heads=4, kv_heads=2, head_dim=64, ffn_hidden=384,
+                vocab=1000, max_seq_len=512, source=TEST_MODEL),
     # A mixture of experts small enough for a CPU: a dense first layer, then routed experts of an odd
     # width beside a shared expert.
     ModelConfig(name="tiny-moe", hidden=192, layers=2, heads=6, kv_heads=2, head_dim=32, ffn_hidden=520, vocab=1000,

@@ -8,6 +8,12 @@ gate/up) and rows (o, down) the Megatron way, with an all-reduce after each row-
 A model's layers differ in their attention (full, or a sliding window) and their MLP (dense, or a
 mixture of experts); each kind is planned once and its calls carry how many layers repeat them.
 
+Quantized weights (`w=`): the decoder layers' linear layers (not the router, not the LM head, which
+serving stacks keep in the activation dtype) call the op of their weight format: a weight-only GEMM
+(wgemm: int8, int4); an fp8 GEMM with its scales (scaled_gemm), each after the quantization of its
+input activations (act_quant); NF4's dequantization to the activation dtype (dequant) before a plain
+GEMM, in fine-tuning (QLoRA) again for the backward pass.
+
 A mixture-of-experts MLP: the router GEMM; routing (scores, top-k, renormalisation); the token copies
 permuted into expert order; the experts' gate/up grouped GEMM, activation and down grouped GEMM, whose
 rows per expert come from a seeded routing draw (opbench.ops.routing: ragged, some experts empty);
@@ -23,11 +29,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from opbench.ops.dtypes import DTYPES
+from opbench.ops.dtypes import DTYPES, WEIGHT_FORMATS, DType
 from opbench.spec.workload import PlanError, Workload
 from opbench.spec.models import ModelConfig
 from opbench.ops import routing
+from opbench.ops.act_quant import ActQuantShape
 from opbench.ops.attention import AttentionShape
+from opbench.ops.dequant import DequantShape
+from opbench.ops.scaled_gemm import ScaledGemmShape
+from opbench.ops.wgemm import WGemmShape
 from opbench.ops.collective import AllToAllVShape, CollectiveShape
 from opbench.ops.fused_moe import FusedMoEShape
 from opbench.ops.gemm import GemmShape
@@ -174,6 +184,20 @@ def _linear(role: str, tokens: int, out_features: int, in_features: int, trainin
     return calls
 
 
+def _quantized_linear(role: str, tokens: int, out_features: int, in_features: int, fmt: DType, training: bool,
+                      count: int = 1, scope: str = "layer", layers: int = 1, kind: str = "") -> list[OpCall]:
+    """A linear layer over weights of format `fmt` (frozen: no wgrad)."""
+    def call(suffix, op, shape, pass_="fwd", n=count):
+        return OpCall(role + suffix, op, shape, pass_, n, scope, layers, kind)
+    if fmt.codebook is not None:  # dequantize, then the GEMM in the activation dtype (bitsandbytes' way)
+        calls = [call(".dequant", "dequant", DequantShape(out_features, in_features), n=count * (2 if training else 1))]
+        return calls + _linear(role, tokens, out_features, in_features, training, True, count, scope, layers, kind)
+    if fmt.act_block is None:  # weight-only: the dequantization is inside the GEMM
+        return [call("", "wgemm", WGemmShape(tokens, out_features, in_features))]
+    return [call(".act_quant", "act_quant", ActQuantShape(tokens, in_features)),
+            call("", "scaled_gemm", ScaledGemmShape(tokens, out_features, in_features))]
+
+
 def _tokenwise(role: str, op: str, shape, training: bool, count: int = 1, scope: str = "layer", layers: int = 1,
                kind: str = "") -> list[OpCall]:
     calls = [OpCall(role, op, shape, "fwd", count, scope, layers, kind)]
@@ -206,12 +230,19 @@ def plan(model: ModelConfig, workload: Workload) -> Plan:
     tokens = w.batch if w.phase == "decode" else w.batch * w.seq_len
     lm_tokens = tokens if training else w.batch  # inference needs logits of the last position only
     act = DTYPES[w.dtype].activation  # what the all-reduces carry: fp8 GEMMs still pass bf16 activations
+    fmt = WEIGHT_FORMATS[w.weights] if w.weights else None
+    if fmt is not None and model.moe:
+        raise PlanError(f"w={w.weights}: quantized expert weights (a grouped GEMM per format) are not planned yet; "
+                        f"{model.name} is a mixture of experts")
     rows = RowsShape(tokens, h)
     calls: list[OpCall] = []
     where = {"scope": "model", "layers": 1, "kind": ""}  # the layers the calls added now repeat in
 
     def linear(role, out_f, in_f, count=1, n_tokens=tokens, adapt=True):
-        calls.extend(_linear(role, n_tokens, out_f, in_f, training, frozen=lora, count=count, **where))
+        if fmt is not None and where["scope"] == "layer":
+            calls.extend(_quantized_linear(role, n_tokens, out_f, in_f, fmt, training, count=count, **where))
+        else:
+            calls.extend(_linear(role, n_tokens, out_f, in_f, training, frozen=lora, count=count, **where))
         if lora and adapt and where["scope"] == "layer":
             r = w.lora_rank  # x A^T then (x A^T) B^T; only the adapters get weight gradients
             calls.extend(_linear(f"lora.{role}.a", n_tokens, r, in_f, training, False, count, **where))

@@ -6,10 +6,10 @@ import math
 import re
 from dataclasses import dataclass
 
-from opbench.ops.dtypes import DTYPES
+from opbench.ops.dtypes import DTYPES, WEIGHT_FORMATS
 
 PHASES = ("prefill", "decode", "train", "finetune")
-WORKLOAD_SYNTAX = "PHASE:b=BATCH,s=LENGTH[,smin=LENGTH][,tp=N][,ep=N][,skew=Z][,r=RANK]"  # for help texts
+WORKLOAD_SYNTAX = "PHASE:b=BATCH,s=LENGTH[,smin=LENGTH][,tp=N][,ep=N][,skew=Z][,r=RANK][,w=FORMAT]"  # for help texts
 
 
 class PlanError(ValueError):
@@ -30,6 +30,9 @@ class Workload:
     # attention, each serving `batch` sequences.
     ep: int = 1
     skew: float = 0.0  # routing imbalance: the Zipf exponent of the experts' popularity; 0 uniform
+    # The decoder layers' linear weights: "" in the workload dtype, else a weight format (int8, int4, fp8,
+    # fp8-row, fp8-block, nf4); finetune with nf4 is QLoRA
+    weights: str = ""
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -46,15 +49,30 @@ class Workload:
                             "tensor-parallel attention)")
         if self.dtype not in DTYPES:
             raise PlanError(f"unknown dtype {self.dtype!r} (known: {', '.join(DTYPES)})")
+        if self.weights:
+            self._check_weights()
         if self.min_context and (self.phase != "decode" or not 0 < self.min_context <= self.seq_len):
             raise PlanError(f"min_context {self.min_context!r}: a decode batch's shortest context, in [1, seq_len]")
+
+    def _check_weights(self) -> None:
+        fmt = WEIGHT_FORMATS.get(self.weights)
+        if fmt is None:
+            raise PlanError(f"unknown weight format {self.weights!r} (known: {', '.join(WEIGHT_FORMATS)})")
+        if fmt.activation is not DTYPES[self.dtype]:
+            raise PlanError(f"{fmt.name} weights take {fmt.activation.name} activations: the workload dtype must be "
+                            f"{fmt.activation.name}, not {self.dtype}")
+        if self.phase == "train":
+            raise PlanError(f"{fmt.name} weights are frozen: train in a float dtype (finetune with w=nf4 is QLoRA)")
+        if self.phase == "finetune" and fmt.codebook is None:
+            raise PlanError(f"fine-tuning on quantized frozen weights is QLoRA's NF4 (w=nf4), not {fmt.name}")
 
     @property
     def label(self) -> str:
         lora = f",r={self.lora_rank}" if self.phase == "finetune" else ""
         spread = f",smin={self.min_context}" if self.min_context else ""
         moe = (f",ep={self.ep}" if self.ep > 1 else "") + (f",skew={self.skew:g}" if self.skew else "")
-        return f"{self.phase}:b={self.batch},s={self.seq_len}{spread},tp={self.tp}{moe}{lora}"
+        weights = f",w={self.weights}" if self.weights else ""
+        return f"{self.phase}:b={self.batch},s={self.seq_len}{spread},tp={self.tp}{moe}{lora}{weights}"
 
     @property
     def training(self) -> bool:
@@ -73,22 +91,27 @@ class Workload:
 _WORKLOAD_KEYS = {"b": "batch", "s": "seq_len", "tp": "tp", "r": "lora_rank", "smin": "min_context", "ep": "ep",
                   "skew": "skew"}
 _NUMBER_KEYS = {"skew"}  # the others are integers
+_WORD_KEYS = {"w": "weights"}  # keys whose values are names
 
 
-def parse_workload(text: str, dtype: str = "bf16") -> Workload:
+def parse_workload(text: str, dtype: str | None = None) -> Workload:
     """'prefill:b=1,s=2048,tp=8'. b: batch, s: prompt / context / sequence length, tp, r: LoRA rank,
     smin: a decode batch's shortest context (contexts spread evenly from smin to s), ep: expert-parallel
-    GPUs, skew: the routing's Zipf exponent (0 uniform)."""
+    GPUs, skew: the routing's Zipf exponent (0 uniform), w: the linear layers' weight format."""
     m = re.fullmatch(r"\s*(\w+)\s*:\s*(.*?)\s*", text)
     if not m:
         raise PlanError(f"workload {text!r}: expected {WORKLOAD_SYNTAX}")
     phase, rest = m.groups()
-    values: dict[str, int | float] = {}
+    values: dict[str, int | float | str] = {}
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, _, value = item.partition("=")
         key = key.strip()
+        if key in _WORD_KEYS:
+            values[_WORD_KEYS[key]] = value.strip()
+            continue
         if key not in _WORKLOAD_KEYS:
-            raise PlanError(f"workload {text!r}: unknown key {key!r} (keys: {', '.join(_WORKLOAD_KEYS)})")
+            keys = ", ".join([*_WORKLOAD_KEYS, *_WORD_KEYS])
+            raise PlanError(f"workload {text!r}: unknown key {key!r} (keys: {keys})")
         try:
             values[_WORKLOAD_KEYS[key]] = float(value) if key in _NUMBER_KEYS else int(value)
         except ValueError:
@@ -97,4 +120,6 @@ def parse_workload(text: str, dtype: str = "bf16") -> Workload:
     missing = [k for k, name in _WORKLOAD_KEYS.items() if k in ("b", "s") and name not in values]
     if missing:
         raise PlanError(f"workload {text!r}: missing {' and '.join(missing)}")
+    if dtype is None:  # a weight format brings its activation dtype
+        dtype = WEIGHT_FORMATS[values["weights"]].activation.name if values.get("weights") in WEIGHT_FORMATS else "bf16"
     return Workload(phase=phase, dtype=dtype, **values)
