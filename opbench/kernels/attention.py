@@ -333,18 +333,26 @@ def _decode_split(Q, K, V, KV_LENS, PART_O, PART_LSE, qk_scale, batch, kv_heads,
 
 
 @triton.jit
-def _decode_reduce(PART_O, PART_LSE, O, heads, num_splits, stride_ob, stride_oh,
-                   HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Stage 2 of split-KV decode: merge the slices of one (batch, head) by their log-sum-exp."""
+def _decode_reduce(PART_O, PART_LSE, SINKS, O, heads, num_splits, stride_ob, stride_oh,
+                   HEAD_DIM: tl.constexpr, HAS_SINKS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Stage 2 of split-KV decode: merge the slices of one (batch, head) by their log-sum-exp. A head's
+    sink logit (natural units, float32) joins the denominator only: a softmax column without a value."""
     bh = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     s_mask = offs_s < num_splits
     lse = tl.load(PART_LSE + bh * num_splits + offs_s, mask=s_mask, other=float("-inf"))
-    weight = tl.exp2(lse - tl.max(lse, 0))
+    top = tl.max(lse, 0)
+    if HAS_SINKS:
+        sink = tl.load(SINKS + bh % heads) * 1.4426950408889634  # log2(e): the scores are in base 2
+        top = tl.maximum(top, sink)
+    weight = tl.exp2(lse - top)
     parts = tl.load(PART_O + (bh * num_splits + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
                     mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    out = tl.sum(weight[:, None] * parts, 0) / tl.sum(weight, 0)
+    total = tl.sum(weight, 0)
+    if HAS_SINKS:
+        total += tl.exp2(sink - top)
+    out = tl.sum(weight[:, None] * parts, 0) / total
     tl.store(O + (bh // heads) * stride_ob + (bh % heads) * stride_oh + offs_d, out.to(O.dtype.element_ty),
              mask=offs_d < HEAD_DIM)
 
@@ -507,11 +515,13 @@ def _num_splits(batch: int, kv_heads: int, kv_len: int, device: torch.device) ->
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
                      kv_lens: torch.Tensor | None = None, window: int = 0, scale: float | None = None,
-                     num_splits: int | None = None, input_precision: str = "ieee") -> torch.Tensor:
+                     num_splits: int | None = None, input_precision: str = "ieee",
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
     """One new token per sequence against a KV cache, split across programs (flash-decoding).
 
     q (batch, heads, 1, d); k_cache, v_cache (batch, kv_heads, kv_len, d). kv_lens (batch,) int32 holds
     each sequence's context length (the new token included, already in the cache); None: all kv_len.
+    sinks (heads,) float32: each head's attention-sink logit, a softmax column without a value.
     Each sequence's visible keys are cut into num_splits slices (None: enough to fill the GPU), each
     reduced by one program, then merged by their log-sum-exp in a second kernel.
     """
@@ -535,6 +545,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             HAS_LENS=kv_lens is not None, GROUP=group, HEAD_DIM=head_dim, INPUT_PRECISION=input_precision,
             BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
             interpreter_blocks=_INTERPRETER_DECODE_BLOCKS)
-    _decode_reduce[(batch * heads,)](part_o, part_lse, o, heads, splits, *o.stride()[:2],
-                                     HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d)
+    reduce_splits(part_o, part_lse, o, sinks)
     return o
+
+
+def reduce_splits(part_o: torch.Tensor, part_lse: torch.Tensor, o: torch.Tensor,
+                  sinks: torch.Tensor | None = None) -> None:
+    """Stage 2 of every split-KV decode: part_o (batch, heads, splits, width) float32 and part_lse
+    (batch, heads, splits) base 2, merged into o, whose last dimension is contiguous, shaped
+    (batch, heads, ..., width) with one row per head."""
+    batch, heads, splits, width = part_o.shape
+    if sinks is not None and (sinks.shape != (heads,) or sinks.dtype != torch.float32):
+        raise ValueError(f"sinks must be float32 of shape ({heads},), got {sinks.dtype} {tuple(sinks.shape)}")
+    _decode_reduce[(batch * heads,)](part_o, part_lse, sinks if sinks is not None else part_lse, o, heads, splits,
+                                     *o.stride()[:2], HEAD_DIM=width, HAS_SINKS=sinks is not None,
+                                     BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=_block_d(width))

@@ -9,7 +9,11 @@ from dataclasses import dataclass
 from opbench.ops.dtypes import DTYPES
 
 PHASES = ("prefill", "decode", "train", "finetune")
-WORKLOAD_SYNTAX = "PHASE:b=BATCH,s=LENGTH[,smin=LENGTH][,tp=N][,ep=N][,skew=Z][,r=RANK]"  # for help texts
+WORKLOAD_SYNTAX = "PHASE:b=BATCH,s=LENGTH[,smin=LENGTH][,tp=N][,ep=N][,skew=Z][,r=RANK][,paged=PAGE][,kv=fp8]"  # for help texts
+
+
+KV_PAGES = (0, 16, 32, 64)  # tokens per page of a paged KV cache (vLLM's block sizes); 0: contiguous
+KV_DTYPES = ("", "fp8")  # "": the activations' dtype; fp8: e4m3 with per-head scales
 
 
 class PlanError(ValueError):
@@ -30,6 +34,10 @@ class Workload:
     # attention, each serving `batch` sequences.
     ep: int = 1
     skew: float = 0.0  # routing imbalance: the Zipf exponent of the experts' popularity; 0 uniform
+    # The KV cache of inference as a serving stack keeps it: in pages of `paged` tokens that a block
+    # table maps (0: one contiguous tensor per sequence), in `kv_dtype` ("": the activations' dtype).
+    paged: int = 0
+    kv_dtype: str = ""
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -46,6 +54,14 @@ class Workload:
                             "tensor-parallel attention)")
         if self.dtype not in DTYPES:
             raise PlanError(f"unknown dtype {self.dtype!r} (known: {', '.join(DTYPES)})")
+        if self.paged not in KV_PAGES:
+            raise PlanError(f"workload paged={self.paged!r}: a page of {', '.join(map(str, KV_PAGES[1:]))} tokens "
+                            "(0: a contiguous cache)")
+        if self.kv_dtype not in KV_DTYPES:
+            raise PlanError(f"workload kv={self.kv_dtype!r}: the KV cache's dtype is one of "
+                            f"{', '.join(filter(None, KV_DTYPES))} (or that of the activations)")
+        if (self.paged or self.kv_dtype) and self.training:
+            raise PlanError(f"paged and kv=: the KV cache of inference; a {self.phase} step keeps none")
         if self.min_context and (self.phase != "decode" or not 0 < self.min_context <= self.seq_len):
             raise PlanError(f"min_context {self.min_context!r}: a decode batch's shortest context, in [1, seq_len]")
 
@@ -54,7 +70,8 @@ class Workload:
         lora = f",r={self.lora_rank}" if self.phase == "finetune" else ""
         spread = f",smin={self.min_context}" if self.min_context else ""
         moe = (f",ep={self.ep}" if self.ep > 1 else "") + (f",skew={self.skew:g}" if self.skew else "")
-        return f"{self.phase}:b={self.batch},s={self.seq_len}{spread},tp={self.tp}{moe}{lora}"
+        cache = (f",paged={self.paged}" if self.paged else "") + (f",kv={self.kv_dtype}" if self.kv_dtype else "")
+        return f"{self.phase}:b={self.batch},s={self.seq_len}{spread},tp={self.tp}{moe}{lora}{cache}"
 
     @property
     def training(self) -> bool:
@@ -71,14 +88,16 @@ class Workload:
 
 
 _WORKLOAD_KEYS = {"b": "batch", "s": "seq_len", "tp": "tp", "r": "lora_rank", "smin": "min_context", "ep": "ep",
-                  "skew": "skew"}
-_NUMBER_KEYS = {"skew"}  # the others are integers
+                  "skew": "skew", "paged": "paged", "kv": "kv_dtype"}
+_NUMBER_KEYS = {"skew"}  # the others are integers, but for the words of _WORD_KEYS
+_WORD_KEYS = {"kv"}
 
 
 def parse_workload(text: str, dtype: str = "bf16") -> Workload:
     """'prefill:b=1,s=2048,tp=8'. b: batch, s: prompt / context / sequence length, tp, r: LoRA rank,
     smin: a decode batch's shortest context (contexts spread evenly from smin to s), ep: expert-parallel
-    GPUs, skew: the routing's Zipf exponent (0 uniform)."""
+    GPUs, skew: the routing's Zipf exponent (0 uniform), paged: the KV cache's page in tokens, kv: the
+    KV cache's dtype (fp8)."""
     m = re.fullmatch(r"\s*(\w+)\s*:\s*(.*?)\s*", text)
     if not m:
         raise PlanError(f"workload {text!r}: expected {WORKLOAD_SYNTAX}")
@@ -90,6 +109,9 @@ def parse_workload(text: str, dtype: str = "bf16") -> Workload:
         if key not in _WORKLOAD_KEYS:
             raise PlanError(f"workload {text!r}: unknown key {key!r} (keys: {', '.join(_WORKLOAD_KEYS)})")
         try:
+            if key in _WORD_KEYS:
+                values[_WORKLOAD_KEYS[key]] = value.strip()
+                continue
             values[_WORKLOAD_KEYS[key]] = float(value) if key in _NUMBER_KEYS else int(value)
         except ValueError:
             kind = "a number" if key in _NUMBER_KEYS else "an integer"
