@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from opbench.ops import attention as attn
 from opbench.ops.base import OpFamily, all_of, high_precision, installed, needs_cuda, needs_triton_gpu
 from opbench.ops.dtypes import DType
-from opbench.ops.paged_attention import INDEX_BYTES, SCALE_BYTES, quantize_fp8, shuffled_block_table
+from opbench.ops.paged_attention import INDEX_BYTES, SCALE_BYTES, quantize_fp8, select_pages, shuffled_block_table
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def inputs(s: MLADecodeShape, dtype: DType, pass_: str, device: str) -> dict:
 def gather_rows(inp: dict, dtype: torch.dtype) -> torch.Tensor:
     """The cached rows as (batch, kv_len, latent + rope) in `dtype`, dequantized."""
     s: MLADecodeShape = inp["shape"]
-    rows = inp["cache"][inp["block_table"].long()].reshape(s.batch, -1, s.row)[:, :s.kv_len].to(dtype)
+    rows = select_pages(inp["cache"], inp["block_table"]).view(s.batch, -1, s.row)[:, :s.kv_len].to(dtype)
     return rows * inp["kv_scale"].to(dtype) if s.kv_fp8_scales else rows
 
 
