@@ -174,3 +174,54 @@ def test_fp8_halves_the_kv_cache_and_pages_round_up():
         model, Workload("decode", 1, 4096), gib) - 1
     assert math.isclose(batch_capacity(model, Workload("decode", 1, 4096), gib),
                         (0.9 * gib - memory(model, bf16).weights_bytes) // (32 * 4096 * 2 * 8 * 128 * 2), abs_tol=1)
+
+
+_COMPILE = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from opbench.kernels.mla import _mla_decode_split
+from opbench.kernels.paged_attention import _paged_decode_split
+
+report = {}
+for name, kernel, cache, meta in [
+    ("paged-bf16", _paged_decode_split, "*bf16", dict(FP8=False, GROUP=4, HEAD_DIM=128, BLOCK_H=16, BLOCK_N=64,
+                                                      BLOCK_D=128)),
+    ("paged-fp8", _paged_decode_split, "*fp8e4nv", dict(FP8=True, GROUP=4, HEAD_DIM=128, BLOCK_H=16, BLOCK_N=64,
+                                                        BLOCK_D=128)),
+    ("mla-bf16", _mla_decode_split, "*bf16", dict(FP8=False, LATENT=512, ROPE=64, BLOCK_H=64, BLOCK_N=32,
+                                                  BLOCK_L=512, BLOCK_R=64)),
+    ("mla-fp8", _mla_decode_split, "*fp8e4nv", dict(FP8=True, LATENT=512, ROPE=64, BLOCK_H=64, BLOCK_N=32,
+                                                    BLOCK_L=512, BLOCK_R=64)),
+]:
+    args = [p.name for p in kernel.params if not p.is_constexpr]
+    kinds = {"Q": "*bf16", "K": cache, "V": cache, "CACHE": cache, "BLOCK_TABLE": "*i32", "KV_LENS": "*i32"}
+    signature = {n: kinds.get(n, "*fp32") if n.isupper() else "fp32" if n.endswith("scale") else "i32" for n in args}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(args) if n.isupper() or n.startswith("stride")}
+    compiled = triton.compile(ASTSource(kernel, signature, dict(meta, INPUT_PRECISION="ieee"), attrs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
+    ttgir = compiled.asm["ttgir"]
+    report[name] = {"mma": "nvidia_mma" in ttgir, "wgmma": "warp_group_dot" in ttgir}
+json.dump(report, sys.stdout)
+"""
+
+
+def test_paged_and_mla_kernels_compile_for_hopper():
+    """Compiled for sm90 without a GPU, bf16 and fp8 caches: the dots on tensor cores (warp-group MMA
+    for MLA's 64-head tiles)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE], cwd=Path(__file__).resolve().parents[1], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout)
+    assert set(report) == {"paged-bf16", "paged-fp8", "mla-bf16", "mla-fp8"}
+    assert all(f["mma"] for f in report.values()), report
+    assert report["mla-bf16"]["wgmma"], report

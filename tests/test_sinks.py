@@ -39,7 +39,7 @@ def test_eager_backend_passes_the_gate_forward_and_backward():
 def test_backends_without_sinks_say_so():
     family, dtype = get_family("attention"), get_dtype("bf16")
     s = AttentionShape(1, 4, 2, 64, 1, 100, 1, 0, sinks=1)
-    for name in ("sdpa-math", "sdpa-flash", "flex", "fa2", "triton"):
+    for name in ("sdpa-math", "sdpa-flash", "flex", "fa2", "fa2-kvcache"):
         assert "no attention sinks" in family.backends[name].requires(s, dtype, "cuda"), name
     assert family.backends["eager"].requires(AttentionShape(1, 4, 2, 64, 1, 100, 1, 0), dtype, "cpu")
 
@@ -60,6 +60,25 @@ def test_triton_decode_with_sinks_against_float64(dtype, window, lens):
                            sinks=inp["sinks"], num_splits=3)
     err = ((out.cpu().double() - want).norm() / want.norm()).item()
     assert err < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_triton_flash_attention_with_sinks_forward_and_backward(dtype):
+    """The sink joins the saved log-sum-exp, so the unchanged backward gives the right dq, dk and dv."""
+    from opbench.kernels.attention import flash_attention, flash_attention_backward
+
+    torch.manual_seed(3)
+    family = get_family("attention")
+    s = AttentionShape(1, 7, 1, 40, 37, 53, 1, 20, sinks=1)  # GQA 7, a window, fewer queries than keys
+    inp = family.inputs(s, get_dtype("fp32" if dtype == torch.float32 else "fp16"), "bwd", DEVICE)
+    q, k, v, sinks, do = inp["q"], inp["k"], inp["v"], inp["sinks"], inp["do"]
+    o, lse = flash_attention(q, k, v, causal=True, window=20, sinks=sinks, return_lse=True)
+    want = family.reference(inp, None, "fwd")
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert ((o.cpu().double() - want).norm() / want.norm()).item() < tol
+    grads = flash_attention_backward(do, q, k, v, o, lse, causal=True, window=20)
+    for got, ref in zip(grads, family.reference(inp, None, "bwd")):
+        assert ((got.cpu().double() - ref).norm() / ref.norm()).item() < tol
 
 
 def _reference(inp, window):

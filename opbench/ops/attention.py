@@ -533,8 +533,8 @@ def triton_flash(inp: dict, dtype: DType, pass_: str):
     q, k, v = inp["q"], inp["k"], inp["v"]
     masking = {"causal": bool(s.causal), "window": s.window}
     if pass_ == "fwd":
-        return lambda: flash_attention(q, k, v, **masking)
-    o, lse = flash_attention(q, k, v, return_lse=True, **masking)
+        return lambda: flash_attention(q, k, v, sinks=inp.get("sinks"), **masking)
+    o, lse = flash_attention(q, k, v, return_lse=True, sinks=inp.get("sinks"), **masking)
     do = inp["do"]
     return lambda: flash_attention_backward(do, q, k, v, o, lse, **masking)
 
@@ -563,8 +563,8 @@ def eager(inp: dict, dtype: DType, pass_: str):
 
 
 # What each backend takes beyond plain attention: a value head of its own width (MLA's prefill), sinks.
-TAKE_VALUE_DIM = {"eager", "sdpa-math", "sdpa-efficient", "sdpa-cudnn", "flex"}  # not torch's flash
-TAKE_SINKS = {"eager", "triton-decode"}
+TAKE_VALUE_DIM = {"eager", "sdpa-math", "sdpa-efficient", "sdpa-cudnn", "flex", "triton"}  # not torch's flash
+TAKE_SINKS = {"eager", "triton", "triton-decode"}
 
 
 def _takes(name: str) -> Callable:
