@@ -175,3 +175,15 @@ def test_tiny_mla_plans_every_phase():
     for text in ("prefill:b=2,s=96", "decode:b=4,s=200,paged=64,kv=fp8", "train:b=2,s=96"):
         p = plan(ZOO["tiny-mla"], parse_workload(text))
         assert {c.kind for c in p.calls if c.scope == "layer"} == {"full/dense", "full/moe"}
+
+
+def test_serving_simulation_counts_mla_cache_per_token():
+    """opbench simulate's KV capacity: tiny-mla caches 80 + 16 elements a token and layer."""
+    from opbench.analyze.simulate import ServingConfig, kv_capacity_tokens
+    from opbench.analyze.tradeoff import GpuMemory
+
+    model = ZOO["tiny-mla"]
+    gpu = GpuMemory(2**24, "test")
+    tokens = kv_capacity_tokens(model, ServingConfig(max_seqs=16, token_budget=64), gpu)
+    per_token = 2 * (80 + 16) * 2  # layers, latent + rotary key, bf16
+    assert tokens == int((gpu.usable_bytes - model.params * 2) // (16 * per_token)) * 16

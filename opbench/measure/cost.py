@@ -39,6 +39,8 @@ SETUP_ALLOWANCE_S = {
     ("gemm", "triton"): 3.5,  # 11 configs: 1.7 s of benchmarks a shape, ~60 s of compiles over ~35 shapes
     ("attention", "triton"): 3.5,  # 7 forward configs, 4 + 4 backward
     ("attention", "triton-decode"): 1.5,  # 4 configs
+    ("paged_attention", "triton-paged"): 1.5,  # 4 configs
+    ("mla_decode", "triton-mla"): 1.5,  # 4 configs
     "triton": 0.5,
     "flash-attn": 0.5,  # its Triton norms (autotuned over warps) and rotary
 }
