@@ -61,6 +61,16 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
             tuple(("llama-3-8b", w) for w in _LLAMA3_8B) + tuple(("llama-3-70b", w) for w in _LLAMA3_70B_TP8),
             ("bf16",), budget_s=0.2, min_rounds=5,
             about="Llama-3-8B and Llama-3-70B at tp 8, realistic batches and lengths, bf16"),
+    Profile("serving",
+            tuple(("llama-3-8b", w) for w in ("decode:b=32,s=4096", "decode:b=32,s=4096,paged=16",
+                                              "decode:b=32,s=4096,paged=16,kv=fp8"))
+            + tuple(("deepseek-v3", w) for w in ("prefill:b=1,s=4096,ep=8", "decode:b=64,s=8192,ep=8",
+                                                 "decode:b=64,s=8192,ep=8,paged=64")),
+            ("bf16",), budget_s=0.2, min_rounds=5,
+            about="serving-era attention on a GPU: Llama-3-8B decode at b=32 s=4096 over a contiguous, a paged and "
+                  "a paged fp8 cache; DeepSeek-V3's MLA prefill and absorbed decode, contiguous and in FlashMLA's "
+                  "64-token pages (bench/test_attention.py bench/test_paged_attention.py bench/test_mla_decode.py "
+                  "for the attention alone)"),
     Profile("full",
             tuple((m, f"{w},tp={tp}") for m, tp in _FULL_MODELS.items() for w in _FULL_WORKLOADS
                   if not (m == "gpt-3-175b" and "s=4096" in w)),
