@@ -52,14 +52,14 @@ def test_cpu_smoke_run(tmp_path):
 
     def served(name, c):
         shape = c["shape"]
-        if name == "eager" or shape.get("sinks"):
-            return name == "eager" and bool(shape.get("sinks"))
+        if name == "torch-eager" or shape.get("sinks"):
+            return name == "torch-eager" and bool(shape.get("sinks"))
         return name == "sdpa-math" or shape.get("value_dim", 0) in (0, shape["head_dim"])
-    for name in on_cpu | {"eager"}:
+    for name in on_cpu | {"torch-eager"}:
         timed = {(json.dumps(c["shape"], sort_keys=True), c["dtype"], c["pass"]) for c in cases if c["backend"] == name}
         assert timed == {(json.dumps(c["shape"], sort_keys=True), c["dtype"], c["pass"]) for c in cases
                          if served(name, c)}, name
-    assert any(c["backend"] == "eager" for c in cases)  # tiny-sink's attention
-    for name in set(ATTENTION.backends) - on_cpu - {"eager"}:
+    assert any(c["backend"] == "torch-eager" for c in cases)  # tiny-sink's attention (torch-eager: in the eager group of --policy)
+    for name in set(ATTENTION.backends) - on_cpu - {"torch-eager"}:
         assert not any(c["backend"] == name for c in cases), name
         assert f": {name}: " in run.stdout, f"no skip reason for {name}"

@@ -145,9 +145,11 @@ def test_deepseek_v3_plans_mla():
     calls = {c.role: c for c in decode.calls if c.kind == "full/moe"}
     assert calls["attn.kv_write"].shape.head_dim == 576 and calls["attn.kv_write"].shape.kv_heads == 1
     assert (calls["attn.kv_down"].shape.n, calls["attn.q_up"].shape.n) == (576, 128 * 192)
-    assert calls["attn.q_absorb"].count == 128 and (calls["attn.q_absorb"].shape.n, calls["attn.q_absorb"].shape.k) == (512, 128)
+    absorb = calls["attn.q_absorb"]
+    assert absorb.count == 128 and (absorb.shape.n, absorb.shape.k) == (512, 128)
     core = calls["attn.core"]
-    assert core.op == "mla_decode" and (core.shape.kv_lora_rank, core.shape.rope_dim, core.shape.heads) == (512, 64, 128)
+    assert core.op == "mla_decode"
+    assert (core.shape.kv_lora_rank, core.shape.rope_dim, core.shape.heads) == (512, 64, 128)
     prefill = {c.role: c for c in plan(model, parse_workload("prefill:b=1,s=1024")).calls}
     att = prefill["attn.core"].shape
     assert prefill["attn.core"].op == "attention" and (att.head_dim, att.value_dim, att.kv_heads) == (192, 128, 128)

@@ -167,8 +167,9 @@ def test_fp8_halves_the_kv_cache_and_pages_round_up():
     assert memory(model, bf16).kv_cache_bytes == 32 * 4096 * 32 * 2 * 8 * 128 * 2
     assert kv_cache_bytes(model, Workload("decode", 32, 4096, kv_dtype="fp8")) * 2 == kv_cache_bytes(model, bf16)
     # 4000 tokens fill 250 pages of 16 but 63 of 64: the last page's empty slots are held too
-    assert kv_cache_bytes(model, Workload("decode", 1, 4000, paged=16)) == kv_cache_bytes(model, Workload("decode", 1, 4000))
-    assert kv_cache_bytes(model, Workload("decode", 1, 4000, paged=64)) == kv_cache_bytes(model, Workload("decode", 1, 4032))
+    def kv(length, page=0):
+        return kv_cache_bytes(model, Workload("decode", 1, length, paged=page))
+    assert kv(4000, 16) == kv(4000) and kv(4000, 64) == kv(4032)
     gib = 80 * 2**30
     assert batch_capacity(model, Workload("decode", 1, 4096, kv_dtype="fp8"), gib) >= 2 * batch_capacity(
         model, Workload("decode", 1, 4096), gib) - 1

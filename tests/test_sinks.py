@@ -32,7 +32,7 @@ def test_eager_backend_passes_the_gate_forward_and_backward():
     s = AttentionShape(2, 6, 2, 32, 40, 40, 1, 16, sinks=1)
     for pass_ in ("fwd", "bwd"):
         inp = family.inputs(s, dtype, pass_, "cpu")
-        out = family.backends["eager"].prepare(inp, dtype, pass_)()
+        out = family.backends["torch-eager"].prepare(inp, dtype, pass_)()
         assert check(out, family.reference(inp, dtype, pass_), 1e-5).passed, pass_
 
 
@@ -41,7 +41,7 @@ def test_backends_without_sinks_say_so():
     s = AttentionShape(1, 4, 2, 64, 1, 100, 1, 0, sinks=1)
     for name in ("sdpa-math", "sdpa-flash", "flex", "fa2", "fa2-kvcache"):
         assert "no attention sinks" in family.backends[name].requires(s, dtype, "cuda"), name
-    assert family.backends["eager"].requires(AttentionShape(1, 4, 2, 64, 1, 100, 1, 0), dtype, "cpu")
+    assert family.backends["torch-eager"].requires(AttentionShape(1, 4, 2, 64, 1, 100, 1, 0), dtype, "cpu")
 
 
 @pytest.mark.parametrize("dtype, window, lens", [(torch.float32, 0, [57, 1, 30]), (torch.float16, 24, None)],

@@ -43,12 +43,13 @@ class Memory:
 
 def memory(model: ModelConfig, w: Workload, recompute: bool = False) -> Memory:
     """Weights at the workload dtype's storage bits (a mixture of experts: every expert's, those of
-    the GPU's ep share under expert parallelism); KV cache of batch x length (kv_cache_bytes); in training bf16 gradients, fp32 AdamW state with fp32 master weights (12 B/param), and
+    the GPU's ep share under expert parallelism); KV cache of batch x length (kv_cache_bytes); in
+    training bf16 gradients, fp32 AdamW state with fp32 master weights (12 B/param), and
     stored activations per Korthikanti et al. 2022 (arXiv 2205.05198) with attention scores never
     materialised: s*b*h*(10 + 24/tp) bytes per layer, or with full recomputation each layer's
     input alone, 2*s*b*h, plus the full set of the one layer whose forward is being recomputed."""
     dtype = DTYPES[w.dtype]
-    tp, act = w.tp, dtype.activation
+    tp = w.tp
     weights = dtype.bytes_of(model.params) // tp
     if model.moe and w.ep > 1:
         layers = sum(layer_params_per_gpu(model, w, model.moe_layer(i)) for i in range(model.layers))

@@ -558,7 +558,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """
     _, window = _check_shapes(q, k_cache, v_cache, True, window)
     if v_cache.shape != k_cache.shape:
-        raise ValueError(f"decode_attention takes v as wide as k, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+        raise ValueError(f"decode_attention takes v as wide as k, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
     (batch, heads, q_len, head_dim), (kv_heads, kv_len) = q.shape, k_cache.shape[1:3]
     if q_len != 1:
         raise ValueError(f"decode_attention takes one query per sequence, got q_len {q_len}")

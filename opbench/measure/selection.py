@@ -50,7 +50,8 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
             # and paged in FlashMLA's 64-token pages with an fp8 cache); sinks over a window and a full layer.
             # Shapes as tiny's and tiny-moe's, so that few cases beside the attention's are new.
             + tuple(("tiny", w) for w in ("decode:b=4,s=200,paged=16", "decode:b=4,s=200,kv=fp8"))
-            + tuple(("tiny-mla", w) for w in ("prefill:b=2,s=96", "decode:b=4,s=200", "decode:b=4,s=200,paged=64,kv=fp8"))
+            + tuple(("tiny-mla", w) for w in ("prefill:b=2,s=96", "decode:b=4,s=200",
+                                              "decode:b=4,s=200,paged=64,kv=fp8"))
             + tuple(("tiny-sink", w) for w in ("prefill:b=2,s=96", "decode:b=4,s=200")),
             ("fp32", "bf16"), budget_s=0.02, min_rounds=3,
             about="the tiny models, fast on a CPU: checks that every case runs", collective_max_bytes=2**15,

@@ -550,12 +550,12 @@ def triton_decode(inp: dict, dtype: DType, pass_: str):
     return lambda: decode_attention(q, k, v, kv_lens=lens, window=window, sinks=sinks)
 
 
-# Eager attention: the sinks' backend ------------------------------------------------------------------
+# Eager attention in torch: the backend of shapes with sinks -----------------------------------------------
 
-@ATTENTION.backend("eager", impl="attention_math in the inputs' precision: masked softmax with the sink column, "
+@ATTENTION.backend("torch-eager", impl="attention_math in the inputs' precision: masked softmax with the sink column, "
                    "times V (for shapes with attention sinks, which no fused torch kernel takes)",
                    requires=lambda s, dtype, device: None if s.sinks else
-                   "eager attention serves shapes with attention sinks only (sdpa-math is the unfused kernel "
+                   "torch-eager serves shapes with attention sinks only (sdpa-math is the unfused kernel "
                    "of the others)")
 def eager(inp: dict, dtype: DType, pass_: str):
     s, sinks = inp["shape"], inp.get("sinks")
@@ -563,8 +563,8 @@ def eager(inp: dict, dtype: DType, pass_: str):
 
 
 # What each backend takes beyond plain attention: a value head of its own width (MLA's prefill), sinks.
-TAKE_VALUE_DIM = {"eager", "sdpa-math", "sdpa-efficient", "sdpa-cudnn", "flex", "triton"}  # not torch's flash
-TAKE_SINKS = {"eager", "triton", "triton-decode"}
+TAKE_VALUE_DIM = {"torch-eager", "sdpa-math", "sdpa-efficient", "sdpa-cudnn", "flex", "triton"}  # not torch's flash
+TAKE_SINKS = {"torch-eager", "triton", "triton-decode"}
 
 
 def _takes(name: str) -> Callable:

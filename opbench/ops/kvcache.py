@@ -33,7 +33,8 @@ class KVWriteShape:
 
 def shape_id(s: KVWriteShape) -> str:
     base = f"{s.tokens}x{s.kv_heads}x{s.head_dim}"
-    return base + (f"-p{s.page}" if s.page else "") + ("-fp8" if s.kv_fp8_scales else "") + ("-latent" if s.latent else "")
+    return (base + (f"-p{s.page}" if s.page else "") + ("-fp8" if s.kv_fp8_scales else "")
+            + ("-latent" if s.latent else ""))
 
 
 def tensors(s: KVWriteShape) -> tuple[str, ...]:

@@ -13,7 +13,6 @@ in opbench.ops.attention: decode (one query per sequence) or a prompt attending 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch

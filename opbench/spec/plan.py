@@ -260,7 +260,8 @@ def plan(model: ModelConfig, workload: Workload) -> Plan:
         linear("attn.kv_down", latent + rope, h)  # c_kv and the shared rotary key, one GEMM
         tokenwise("attn.kv_norm", "rmsnorm", RowsShape(tokens, latent))
         offset = w.seq_len - 1 if w.phase == "decode" else 0
-        tokenwise("attn.rotary", "rotary", RotaryShape(tokens, dims.heads, 1, rope, int(model.rotary == "gptj"), offset))
+        tokenwise("attn.rotary", "rotary",
+                  RotaryShape(tokens, dims.heads, 1, rope, int(model.rotary == "gptj"), offset))
         if not training:
             cache = kv_cache_fields(1)
             calls.append(OpCall("attn.kv_write", "kv_write",
@@ -300,8 +301,8 @@ def plan(model: ModelConfig, workload: Workload) -> Plan:
         sinks = int(model.attention_sinks)
         if not training and (w.paged or w.kv_dtype):  # attention reads the cache as the workload keeps it
             tokenwise("attn.core", "paged_attention",
-                      PagedAttentionShape(w.batch, dims.heads, dims.kv_heads, d, q_len, w.seq_len, window, w.min_context,
-                                          sinks=sinks, **cache))
+                      PagedAttentionShape(w.batch, dims.heads, dims.kv_heads, d, q_len, w.seq_len, window,
+                                          w.min_context, sinks=sinks, **cache))
         else:
             tokenwise("attn.core", "attention",
                       AttentionShape(w.batch, dims.heads, dims.kv_heads, d, q_len, w.seq_len, 1, window, w.min_context,
