@@ -45,12 +45,21 @@ def test_cpu_smoke_run(tmp_path):
     assert any(c["shape"]["window"] for c in cases)  # tiny-alt's sliding window
     assert any(c["shape"]["kv_len_min"] for c in cases) and any(c["shape"]["q_len"] == 1 for c in cases)
 
-    # every SDPA backend this CPU has runs every case; every other backend skips, saying why
+    # every SDPA backend this CPU has runs every case without attention sinks (torch's flash kernel: with v as
+    # wide as q and k); eager attention runs those with sinks; every other backend skips, saying why
     on_cpu = {name for name, backend in SDPA_BACKENDS.items() if _runs_on_this_cpu(backend)}
     assert "sdpa-math" in on_cpu
-    for name in on_cpu:
+
+    def served(name, c):
+        shape = c["shape"]
+        if name == "torch-eager" or shape.get("sinks"):
+            return name == "torch-eager" and bool(shape.get("sinks"))
+        return name == "sdpa-math" or shape.get("value_dim", 0) in (0, shape["head_dim"])
+    for name in on_cpu | {"torch-eager"}:
         timed = {(json.dumps(c["shape"], sort_keys=True), c["dtype"], c["pass"]) for c in cases if c["backend"] == name}
-        assert timed == identities, name
-    for name in set(ATTENTION.backends) - on_cpu:
+        assert timed == {(json.dumps(c["shape"], sort_keys=True), c["dtype"], c["pass"]) for c in cases
+                         if served(name, c)}, name
+    assert any(c["backend"] == "torch-eager" for c in cases)  # tiny-sink's attention (torch-eager: in the eager group of --policy)
+    for name in set(ATTENTION.backends) - on_cpu - {"torch-eager"}:
         assert not any(c["backend"] == name for c in cases), name
         assert f": {name}: " in run.stdout, f"no skip reason for {name}"

@@ -169,12 +169,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import opbench.kernels.attention as A
 
-FP32_POINTERS = {"LSE", "DELTA", "PART_O", "PART_LSE"}
+FP32_POINTERS = {"LSE", "DELTA", "PART_O", "PART_LSE", "SINKS"}
 report = {}
+V = dict(V_DIM=80, BLOCK_DV=128)  # v as wide as k here
 for kernel, meta in [
-    (A._attn_fwd, dict(GROUP=4, CAUSAL=True, STORE_LSE=True, BLOCK_M=128, BLOCK_N=64)),
-    (A._attn_bwd_dkdv, dict(GROUP=4, CAUSAL=True, BLOCK_M=32, BLOCK_N=128)),
-    (A._attn_bwd_dq, dict(GROUP=4, CAUSAL=True, BLOCK_M=128, BLOCK_N=32)),
+    (A._attn_fwd, dict(GROUP=4, CAUSAL=True, STORE_LSE=True, HAS_SINKS=False, BLOCK_M=128, BLOCK_N=64, **V)),
+    (A._attn_bwd_dkdv, dict(GROUP=4, CAUSAL=True, BLOCK_M=32, BLOCK_N=128, **V)),
+    (A._attn_bwd_dq, dict(GROUP=4, CAUSAL=True, BLOCK_M=128, BLOCK_N=32, **V)),
     (A._decode_split, dict(GROUP=4, HAS_LENS=True, BLOCK_H=16, BLOCK_N=64)),
 ]:
     args = [p.name for p in kernel.params if not p.is_constexpr]

@@ -19,7 +19,8 @@ def test_given_models_take_the_profile_workloads_and_vice_versa():
     assert [p.workload.label for p in sel.plans] == [parse_workload(w).label for w in workloads]
     sel = select(profile="smoke", device="cpu", workloads=["decode:b=1,s=64"], dtypes=["fp16,bf16"])
     assert [(p.model.name, p.workload.phase, p.workload.dtype) for p in sel.plans] == [
-        (m, "decode", d) for m in ("tiny", "tiny-alt", "tiny-moe", "tiny-q") for d in ("fp16", "bf16")]
+        (m, "decode", d) for m in ("tiny", "tiny-alt", "tiny-moe", "tiny-q", "tiny-mla", "tiny-sink")
+        for d in ("fp16", "bf16")]
 
 
 def test_cases_are_distinct_and_list_every_role_they_serve():
@@ -35,7 +36,7 @@ def test_profile_dtypes_per_model_unless_dtypes_are_given():
     sel = select(profile="smoke", device="cpu")
     assert {(p.model.name, p.workload.dtype) for p in sel.plans} == {
         ("tiny", "fp32"), ("tiny", "bf16"), ("tiny-alt", "fp32"), ("tiny-alt", "fp16"), ("tiny-moe", "fp32"),
-        ("tiny-moe", "bf16"), ("tiny-q", "bf16")}
+        ("tiny-moe", "bf16"), ("tiny-q", "bf16"), ("tiny-mla", "fp32"), ("tiny-sink", "fp32")}
     assert sel.dtypes == ("fp32", "bf16", "fp16")
     sel = select(profile="smoke", device="cpu", dtypes=["bf16"])
     assert {p.workload.dtype for p in sel.plans} == {"bf16"}

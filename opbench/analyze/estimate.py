@@ -43,24 +43,22 @@ class Memory:
 
 def memory(model: ModelConfig, w: Workload, recompute: bool = False) -> Memory:
     """Weights at the workload dtype's storage bits (a mixture of experts: every expert's, those of
-    the GPU's ep share under expert parallelism); KV cache of batch x length in the activation
-    dtype; in training bf16 gradients, fp32 AdamW state with fp32 master weights (12 B/param), and
+    the GPU's ep share under expert parallelism); KV cache of batch x length (kv_cache_bytes); in
+    training bf16 gradients, fp32 AdamW state with fp32 master weights (12 B/param), and
     stored activations per Korthikanti et al. 2022 (arXiv 2205.05198) with attention scores never
     materialised: s*b*h*(10 + 24/tp) bytes per layer, or with full recomputation each layer's
     input alone, 2*s*b*h, plus the full set of the one layer whose forward is being recomputed.
     With a weight format (w.weights) the decoder layers' linear weights are stored in it, packed, with
     their scales and zeros; embeddings, LM head and norms stay in the workload dtype."""
     dtype = DTYPES[w.dtype]
-    tp, act = w.tp, dtype.activation
+    tp = w.tp
     weights = dtype.bytes_of(model.params) // tp
     if w.weights:
         weights = quantized_weight_bytes(model, w)
     if model.moe and w.ep > 1:
         layers = sum(layer_params_per_gpu(model, w, model.moe_layer(i)) for i in range(model.layers))
         weights = dtype.bytes_of(layers + model.embedding_params // tp)
-    kv_heads = max(1, model.kv_heads // tp)
-    contexts = w.batch * (w.seq_len + w.min_context if w.min_context else 2 * w.seq_len) // 2  # mean x batch
-    kv = act.bytes_of(2 * model.layers * kv_heads * model.head_dim * contexts)
+    kv = kv_cache_bytes(model, w)
     if not w.training:
         return Memory(weights, kv, 0, 0, 0)
     tokens_hidden = w.seq_len * w.batch * model.hidden
@@ -94,6 +92,37 @@ def quantized_weight_bytes(model: ModelConfig, w: Workload) -> int:
     quantized = model.layers * sum(fmt.weight_bytes(n, k) for n, k in pairs)
     rest = model.params - model.layers * sum(n * k for n, k in pairs)
     return (quantized + plain.bytes_of(rest)) // w.tp
+
+
+def kv_cache_elements_per_token_per_gpu(model: ModelConfig, tp: int) -> int:
+    """Elements one GPU caches per token and layer: its share of the kv heads' K and V (a kv head
+    fewer GPUs than tp replicated), or MLA's whole latent and rotary key, which every GPU keeps."""
+    if model.mla:
+        return model.kv_cache_elements_per_token
+    return model.kv_cache_elements_per_token * max(1, model.kv_heads // tp) // model.kv_heads
+
+
+def kv_cache_bytes(model: ModelConfig, w: Workload) -> int:
+    """The KV cache one GPU holds for the batch: every layer's elements per token (MLA: 512 + 64 in
+    DeepSeek-V3) at the KV dtype's bytes (fp8: one; else the activations'), over the batch's contexts
+    (spread from min_context to seq_len when set), each rounded up to whole pages when paged."""
+    kv_dtype = DTYPES[w.kv_dtype] if w.kv_dtype else DTYPES[w.dtype].activation
+    if w.min_context and w.batch > 1:
+        span = w.seq_len - w.min_context
+        lens = [w.min_context + span * i // (w.batch - 1) for i in range(w.batch)]
+    else:
+        lens = [w.seq_len] * w.batch
+    if w.paged:
+        lens = [-(-n // w.paged) * w.paged for n in lens]
+    per_token = model.layers * kv_cache_elements_per_token_per_gpu(model, w.tp)
+    return kv_dtype.bytes_of(per_token * sum(lens))
+
+
+def batch_capacity(model: ModelConfig, w: Workload, gpu_memory_bytes: int, usable: float = 0.9) -> int:
+    """The most sequences of the workload's context one GPU serves beside its weights (0: none)."""
+    one = memory(model, replace(w, batch=1, min_context=0))
+    free = usable * gpu_memory_bytes - one.weights_bytes
+    return max(0, int(free // one.kv_cache_bytes)) if one.kv_cache_bytes else 0
 
 
 def trained_params(model: ModelConfig, w: Workload) -> int:

@@ -11,7 +11,8 @@ from opbench.analyze.alphabeta import PROFILES as FABRICS
 from opbench.analyze.alphabeta import Fit
 from opbench.analyze.compose import EXECUTION_MODES, POLICIES, Composer, MissingMeasurement
 from opbench.record import OpCase, UnitCase
-from opbench.analyze.estimate import TrainOptions, compose_estimate, estimate_from, fewest_gpus
+from opbench.analyze.estimate import (TrainOptions, batch_capacity, compose_estimate, estimate_from, fewest_gpus,
+                                      kv_cache_elements_per_token_per_gpu)
 from opbench.spec.models import get_model
 from opbench.measure.peaks import datasheet_for
 from opbench.ops.dtypes import WEIGHT_FORMATS
@@ -21,7 +22,7 @@ from opbench.text import device_noun, format_flops, format_seconds, positive
 from opbench.measure.selection import measure_command
 from opbench.measure.summary import composition_lines
 from opbench.measure.units import composed_s
-from opbench.spec.workload import PHASES, Workload
+from opbench.spec.workload import KV_DTYPES, KV_PAGES, PHASES, Workload
 from opbench.spec.plan import Plan, plan
 
 
@@ -81,6 +82,10 @@ def add_command(sub) -> None:
     p.add_argument("--lora-rank", type=positive(int), default=16, help="finetune: the adapters' rank (default 16)")
     p.add_argument("--skew", type=float, default=0.0,
                    help="mixtures of experts: the routing's Zipf exponent over the experts (default 0, uniform)")
+    p.add_argument("--paged", type=int, default=0, choices=KV_PAGES,
+                   help="inference: a KV cache in pages of this many tokens (default 0, contiguous)")
+    p.add_argument("--kv", default="", choices=KV_DTYPES, help="inference: the KV cache's dtype (fp8; default: the "
+                                                                "activations')")
     p.add_argument("--recompute", action="store_true", help="train: full activation recomputation (a second "
                                                             "forward; only each layer's input is kept)")
     p.add_argument("--dp", type=positive(int), default=1, help="train: data-parallel replicas (gradient all-reduce)")
@@ -140,7 +145,7 @@ def _estimate_command(args) -> int:
     run, composer = composer_from_args(args)
     model = get_model(args.model)
     w = Workload(args.phase, args.batch, args.context, tp=args.tp, dtype=args.dtype, lora_rank=args.lora_rank,
-                 ep=args.ep, skew=args.skew, weights=args.weights)
+                 ep=args.ep, skew=args.skew, weights=args.weights, paged=args.paged, kv_dtype=args.kv)
     sheet = datasheet_for((used_gpu(run.machine_info) or {}).get("name"))
     peak = sheet.matmul_tflops.get(args.dtype) if sheet else None
     train = TrainOptions(recompute=args.recompute, dp=args.dp, overlap=not args.no_overlap)
@@ -149,9 +154,10 @@ def _estimate_command(args) -> int:
     gpu_bytes = (args.gpu_memory_gib * 2**30 if args.gpu_memory_gib else
                  (used_gpu(run.machine_info) or {}).get("memory_total_bytes") or 80 * 2**30)
     fewest = fewest_gpus(model, w, gpu_bytes, recompute=w.training and args.recompute)
+    capacity = None if w.training else batch_capacity(model, w, gpu_bytes)
     if args.json:
-        json.dump({"breakdown": breakdown.to_dict(), "estimate": est.to_dict(), "fewest_gpus": fewest}, sys.stdout,
-                  indent=1)
+        json.dump({"breakdown": breakdown.to_dict(), "estimate": est.to_dict(), "fewest_gpus": fewest,
+                   "batch_capacity": capacity}, sys.stdout, indent=1)
         print()
         return 0
     result = {"breakdowns": [breakdown.to_dict()], "estimates": [est.to_dict()], "validation": [], "missing": []}
@@ -165,6 +171,12 @@ def _estimate_command(args) -> int:
     print(f"  memory per {noun} {est.memory.total_bytes / 2**30:.4g} GiB; fewest {noun}s that hold it: "
           + (str(fewest) if fewest else "more than any tensor-parallel degree the heads allow")
           + f" (of {gpu_bytes / 2**30:.4g} GiB, 90% usable)")
+    if not w.training:
+        per_token = kv_cache_elements_per_token_per_gpu(model, w.tp)
+        kind = "latent + rotary key (MLA)" if model.mla else "K and V"
+        print(f"  KV cache per {noun} {est.memory.kv_cache_bytes / 2**30:.4g} GiB: {per_token} elements ({kind}) "
+              f"per token per layer, {w.kv_dtype or 'activation dtype'}" + (f", pages of {w.paged}" if w.paged else "")
+              + f"; batch capacity at {w.seq_len} tokens of context: {capacity} sequences per {noun}")
     for c in breakdown.calls:
         if c.source != "measured":
             print(f"  {c.source}: {c.role} {c.op} {c.pass_} {format_seconds(c.time_s)}"

@@ -32,7 +32,7 @@ from opbench.analyze.estimate import memory
 from opbench.analyze.pareto import Slo, SloError, parse_slo
 from opbench.analyze.tradeoff import GpuMemory, _gib, gpu_memory, provenance_lines
 from opbench.spec.models import ModelConfig, get_model
-from opbench.spec.plan import OpCall, plan
+from opbench.spec.plan import plan
 from opbench.spec.workload import PlanError, Workload
 from opbench.text import format_seconds, table_lines
 
@@ -88,10 +88,6 @@ def _bilerp(xs: Sequence[int], ys: Sequence[int], table: Sequence[Sequence[float
     return lo + (hi - lo) * (x - x0) / (x1 - x0) if x1 != x0 else hi
 
 
-def _call(p, role: str) -> OpCall:
-    return next(c for c in p.calls if c.role == role)
-
-
 class IterationModel:
     """Iteration time of a mixed batch from grids composed once:
 
@@ -113,7 +109,7 @@ class IterationModel:
         for n in self.tokens_grid:
             b = self._compose(Workload("decode", n, 1, tp=c.tp, dtype=c.dtype), composer)
             head = sum(x.count * x.time_s for x in b.calls if x.role == "lm_head")
-            attn = model.layers * sum(x.count * x.time_s for x in b.calls if x.role == "attn.core")
+            attn = sum(x.layers * x.count * x.time_s for x in b.calls if x.role == "attn.core")  # every kind's
             self.tokenwise_s.append(b.total_s - head - attn)
             self.head_s.append(head)
         # decode attention: D sequences at a mean context (memory-bound: the keys read)
@@ -133,11 +129,14 @@ class IterationModel:
         return b
 
     def _attention(self, composer: Composer, w: Workload, q_len: int | None = None) -> float:
-        call = _call(plan(self.model, w), "attn.core")
-        shape = call.shape if q_len is None else replace(call.shape, q_len=q_len)
-        t, source, _, _ = composer.time(call.op, shape, w.dtype, call.pass_, call.role)
-        self.sources[source] += 1
-        return self.model.layers * call.count * t
+        """The attention of every layer: each kind's (a window layer's, a full one's) times its layers."""
+        total = 0.0
+        for call in (c for c in plan(self.model, w).calls if c.role == "attn.core"):
+            shape = call.shape if q_len is None else replace(call.shape, q_len=q_len)
+            t, source, _, _ = composer.time(call.op, shape, w.dtype, call.pass_, call.role)
+            self.sources[source] += 1
+            total += call.layers * call.count * t
+        return total
 
     def iteration_s(self, tokens: int, emitting: int, decoding: int, decode_context_sum: int,
                     chunks: Sequence[tuple[int, int]]) -> float:

@@ -41,6 +41,8 @@ SETUP_ALLOWANCE_S = {
     ("attention", "triton-decode"): 1.5,  # 4 configs
     ("wgemm", "triton"): 3.5,  # 20 decode configs (split-K) or 5 prefill configs a shape, each format compiled apart
     ("scaled_gemm", "triton"): 2.0,  # 8 configs, fewer where the scales' K groups prune them
+    ("paged_attention", "triton-paged"): 1.5,  # 4 configs
+    ("mla_decode", "triton-mla"): 1.5,  # 4 configs
     "triton": 0.5,
     "flash-attn": 0.5,  # its Triton norms (autotuned over warps) and rotary
 }

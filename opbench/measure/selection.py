@@ -50,15 +50,33 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
             # and prefill estimates with their memory
             + tuple(("tiny-q", w) for w in ("prefill:b=2,s=96", "decode:b=4,s=200", "decode:b=4,s=200,w=int8",
                                             "decode:b=4,s=200,w=int4", "prefill:b=2,s=96,w=int4")),
+            # serving-era attention: a paged cache, an fp8 cache; MLA prefill and absorbed decode (contiguous,
+            # and paged in FlashMLA's 64-token pages with an fp8 cache); sinks over a window and a full layer.
+            # Shapes as tiny's and tiny-moe's, so that few cases beside the attention's are new.
+            + tuple(("tiny", w) for w in ("decode:b=4,s=200,paged=16", "decode:b=4,s=200,kv=fp8"))
+            + tuple(("tiny-mla", w) for w in ("prefill:b=2,s=96", "decode:b=4,s=200",
+                                              "decode:b=4,s=200,paged=64,kv=fp8"))
+            + tuple(("tiny-sink", w) for w in ("prefill:b=2,s=96", "decode:b=4,s=200")),
             ("fp32", "bf16"), budget_s=0.02, min_rounds=3,
             about="the tiny models, fast on a CPU: checks that every case runs", collective_max_bytes=2**15,
             # fp16 rather than bf16: torch's CPU LayerNorm backward accumulates the bf16 weight
             # gradient in bf16 (1.3% off), which the correctness gate rightly fails
-            model_dtypes={"tiny-alt": ("fp32", "fp16"), "tiny-q": ("bf16",)}),
+            model_dtypes={"tiny-alt": ("fp32", "fp16"), "tiny-q": ("bf16",), "tiny-mla": ("fp32",),
+                          "tiny-sink": ("fp32",)}),
     Profile("default",
             tuple(("llama-3-8b", w) for w in _LLAMA3_8B) + tuple(("llama-3-70b", w) for w in _LLAMA3_70B_TP8),
             ("bf16",), budget_s=0.2, min_rounds=5,
             about="Llama-3-8B and Llama-3-70B at tp 8, realistic batches and lengths, bf16"),
+    Profile("serving",
+            tuple(("llama-3-8b", w) for w in ("decode:b=32,s=4096", "decode:b=32,s=4096,paged=16",
+                                              "decode:b=32,s=4096,paged=16,kv=fp8"))
+            + tuple(("deepseek-v3", w) for w in ("prefill:b=1,s=4096,ep=8", "decode:b=64,s=8192,ep=8",
+                                                 "decode:b=64,s=8192,ep=8,paged=64")),
+            ("bf16",), budget_s=0.2, min_rounds=5,
+            about="serving-era attention on a GPU: Llama-3-8B decode at b=32 s=4096 over a contiguous, a paged and "
+                  "a paged fp8 cache; DeepSeek-V3's MLA prefill and absorbed decode, contiguous and in FlashMLA's "
+                  "64-token pages (bench/test_attention.py bench/test_paged_attention.py bench/test_mla_decode.py "
+                  "for the attention alone)"),
     Profile("full",
             tuple((m, f"{w},tp={tp}") for m, tp in _FULL_MODELS.items() for w in _FULL_WORKLOADS
                   if not (m == "gpt-3-175b" and "s=4096" in w)),

@@ -43,9 +43,11 @@ def unit_cases(plans) -> list[UnitCase]:
     for p in plans:
         # finetune adds adapters the reference layer lacks; a decode batch of mixed contexts needs
         # per-sequence masks it does not build; expert parallelism needs GPUs to dispatch to; its weights
-        # are plain tensors of the workload dtype, never a quantized format
+        # are plain tensors of the workload dtype, never a quantized format; its KV cache is contiguous,
+        # in the activations' dtype
         w = p.workload
-        if w.phase == "finetune" or w.min_context or w.ep > 1 or w.weights or supported(p.model):
+        if (w.phase == "finetune" or w.min_context or w.ep > 1 or w.weights or w.paged or w.kv_dtype
+                or supported(p.model)):
             continue
         kinds = p.model.layer_kinds()
         cases += [UnitCase(p, "layer" if len(kinds) == 1 else f"layer:{kind_label(*kind)}") for kind in kinds]

@@ -22,6 +22,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "cross_entropy": ("opbench.ops.embedding", "CROSS_ENTROPY"),
     "adamw": ("opbench.ops.optim", "ADAMW"),
     "kv_write": ("opbench.ops.kvcache", "KV_WRITE"),
+    "paged_attention": ("opbench.ops.paged_attention", "PAGED_ATTENTION"),
+    "mla_decode": ("opbench.ops.mla", "MLA_DECODE"),
     "grouped_gemm": ("opbench.ops.grouped_gemm", "GROUPED_GEMM"),
     "fused_moe": ("opbench.ops.fused_moe", "FUSED_MOE"),
     "moe_route": ("opbench.ops.moe_route", "MOE_ROUTE"),

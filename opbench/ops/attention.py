@@ -5,7 +5,10 @@ position ctx - q_len + i, ctx being its sequence's context length (kv_len, or fo
 of different lengths each sequence's own), and sees the keys at or before it (the last `window` of
 them when a sliding window is set). Keys past a sequence's context are cache slots it does not use.
 
-Inputs are laid out (batch, heads, seq, head_dim); k and v carry kv_heads heads. The forward pass
+Inputs are laid out (batch, heads, seq, head_dim); k and v carry kv_heads heads, v of value_dim
+when it differs (multi-head latent attention's prefill: q and k 192 wide, v 128). Attention sinks
+(gpt-oss): a learned logit per head joins every query's softmax as one more column that has no
+value, so the weights over the keys sum to less than one. The forward pass
 returns O; the backward pass ("bwd") returns (dQ, dK, dV) for a random dO, its forward done once
 when the case is prepared.
 """
@@ -50,6 +53,8 @@ class AttentionShape:
     causal: int  # 1: causal, 0: every query sees every key
     window: int  # 0: no sliding window
     kv_len_min: int = 0  # 0: every context is kv_len; else contexts spread evenly from kv_len_min to kv_len
+    value_dim: int = 0  # v's head width; 0: head_dim
+    sinks: int = 0  # 1: a learned logit per query head in every softmax (attention sinks)
 
     def __post_init__(self) -> None:
         if self.heads % self.kv_heads:
@@ -65,8 +70,14 @@ class AttentionShape:
 
 def shape_id(s: AttentionShape) -> str:
     keys = f"{s.kv_len_min}..{s.kv_len}" if s.kv_len_min else f"{s.kv_len}"
-    tail = ("c" if s.causal else "") + (f"w{s.window}" if s.window else "")
-    return f"b{s.batch}h{s.heads}kv{s.kv_heads}d{s.head_dim}q{s.q_len}k{keys}{tail}"
+    tail = ("c" if s.causal else "") + (f"w{s.window}" if s.window else "") + ("s" if s.sinks else "")
+    dims = f"d{s.head_dim}" + (f"v{s.value_dim}" if s.value_dim else "")
+    return f"b{s.batch}h{s.heads}kv{s.kv_heads}{dims}q{s.q_len}k{keys}{tail}"
+
+
+def v_dim(s) -> int:
+    """v's (and the output's) head width."""
+    return s.value_dim or s.head_dim
 
 
 def context_lens(s: AttentionShape) -> list[int]:
@@ -109,9 +120,10 @@ def avg_kv(s: AttentionShape) -> float:
 
 
 def flops(s: AttentionShape, pass_: str = "fwd") -> int:
-    """4 x heads x head_dim x (batch x q_len x avg_kv): QK^T and PV, 2 FLOPs a multiply-add each.
-    The backward recomputes QK^T and adds dV, dP, dQ, dK: 2.5 x forward."""
-    fwd = 4 * s.heads * s.head_dim * attended_pairs(s)
+    """2 x heads x (head_dim + value_dim) x (batch x q_len x avg_kv): QK^T and PV, 2 FLOPs a
+    multiply-add each (4 x heads x head_dim x ... when v is as wide as k). The backward recomputes
+    QK^T and adds dV, dP, dQ, dK: 2.5 x forward."""
+    fwd = 2 * s.heads * (s.head_dim + v_dim(s)) * attended_pairs(s)
     return fwd if pass_ == "fwd" else fwd * 5 // 2
 
 
@@ -126,11 +138,9 @@ def kv_rows_read(s: AttentionShape) -> int:
 def bytes_moved(s: AttentionShape, dtype: DType, pass_: str = "fwd") -> int:
     """fwd: Q and O (heads), K and V (kv_heads) once each; decode thus reads the whole KV cache.
     bwd: Q, O, dO read and dQ written; K, V read and dK, dV written."""
-    q_side = s.batch * s.heads * s.q_len * s.head_dim
-    kv_side = s.kv_heads * kv_rows_read(s) * s.head_dim
-    if pass_ == "fwd":
-        return (2 * q_side + 2 * kv_side) * dtype.bytes
-    return (4 * q_side + 4 * kv_side) * dtype.bytes
+    widths = s.head_dim + v_dim(s)  # Q and O; K and V
+    once = (s.batch * s.heads * s.q_len + s.kv_heads * kv_rows_read(s)) * widths
+    return (once if pass_ == "fwd" else 2 * once) * dtype.bytes
 
 
 def visible(s: AttentionShape, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -147,9 +157,11 @@ def visible(s: AttentionShape, device: torch.device | str = "cpu") -> torch.Tens
     return keep.expand(ctx.shape[0], 1, s.q_len, s.kv_len)  # without a causal mask, no term has q_len rows
 
 
-def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: AttentionShape) -> torch.Tensor:
-    """The definition, in the inputs' precision: a masked softmax of the scaled scores times V.
-    One sequence at a time, so that the scores of a long prefill fit in memory."""
+def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: AttentionShape,
+                   sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """The definition, in the inputs' precision: a masked softmax of the scaled scores times V, with
+    each head's sink logit (heads,) as one more softmax column when given. One sequence at a time,
+    so that the scores of a long prefill fit in memory."""
     group = s.heads // s.kv_heads
     keep = visible(s, q.device)
     outs = []
@@ -157,21 +169,33 @@ def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Attenti
         kb, vb = k[b].repeat_interleave(group, 0), v[b].repeat_interleave(group, 0)
         scores = (q[b] @ kb.transpose(-1, -2)) * s.head_dim ** -0.5
         scores = scores.masked_fill(~keep[b if keep.shape[0] > 1 else 0], float("-inf"))
-        outs.append(torch.softmax(scores, -1) @ vb)
+        outs.append(softmax_with_sinks(scores, sinks) @ vb)
     return torch.stack(outs)
+
+
+def softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """softmax over the last dimension of (heads, q, keys) scores, with each head's sink logit as a
+    column of its own that is dropped afterwards; None: the plain softmax."""
+    if sinks is None:
+        return torch.softmax(scores, -1)
+    column = sinks.to(scores.dtype).view(-1, 1, 1).expand(*scores.shape[:-1], 1)
+    return torch.softmax(torch.cat([scores, column], -1), -1)[..., :-1]
 
 
 def inputs(s: AttentionShape, dtype: DType, pass_: str, device: str) -> dict:
     """q, k, v (and dO for the backward); kv_lens (int32) for a batch of different context lengths,
     whose cache slots past each context hold random values that must not count."""
-    def randn(heads: int, length: int) -> torch.Tensor:
-        return torch.randn(s.batch, heads, length, s.head_dim, device=device, dtype=dtype.torch)
+    def randn(heads: int, length: int, width: int = s.head_dim) -> torch.Tensor:
+        return torch.randn(s.batch, heads, length, width, device=device, dtype=dtype.torch)
 
-    inp = {"shape": s, "q": randn(s.heads, s.q_len), "k": randn(s.kv_heads, s.kv_len), "v": randn(s.kv_heads, s.kv_len)}
+    inp = {"shape": s, "q": randn(s.heads, s.q_len), "k": randn(s.kv_heads, s.kv_len),
+           "v": randn(s.kv_heads, s.kv_len, v_dim(s))}
+    if s.sinks:  # learned sinks sit about where the scores do
+        inp["sinks"] = torch.randn(s.heads, device=device, dtype=torch.float32)
     if s.kv_len_min:
         inp["kv_lens"] = torch.tensor(context_lens(s), device=device, dtype=torch.int32)
     if pass_ == "bwd":
-        inp["do"] = randn(s.heads, s.q_len)
+        inp["do"] = randn(s.heads, s.q_len, v_dim(s))
     return inp
 
 
@@ -179,11 +203,12 @@ def reference(inp: dict, dtype: DType, pass_: str):
     """attention_math in high precision; for the backward, (dQ, dK, dV) by autograd through it."""
     s = inp["shape"]
     q, k, v = (high_precision(inp[n]).detach() for n in "qkv")
+    sinks = high_precision(inp["sinks"]) if s.sinks else None
     if pass_ == "fwd":
-        return attention_math(q, k, v, s)
+        return attention_math(q, k, v, s, sinks)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     with torch.enable_grad():
-        out = attention_math(q, k, v, s)
+        out = attention_math(q, k, v, s, sinks)
     return torch.autograd.grad(out, (q, k, v), high_precision(inp["do"]))
 
 
@@ -508,8 +533,8 @@ def triton_flash(inp: dict, dtype: DType, pass_: str):
     q, k, v = inp["q"], inp["k"], inp["v"]
     masking = {"causal": bool(s.causal), "window": s.window}
     if pass_ == "fwd":
-        return lambda: flash_attention(q, k, v, **masking)
-    o, lse = flash_attention(q, k, v, return_lse=True, **masking)
+        return lambda: flash_attention(q, k, v, sinks=inp.get("sinks"), **masking)
+    o, lse = flash_attention(q, k, v, return_lse=True, sinks=inp.get("sinks"), **masking)
     do = inp["do"]
     return lambda: flash_attention_backward(do, q, k, v, o, lse, **masking)
 
@@ -521,5 +546,36 @@ def triton_decode(inp: dict, dtype: DType, pass_: str):
     from opbench.kernels.attention import decode_attention
 
     q, k, v = inp["q"], inp["k"], inp["v"]
-    lens, window = inp.get("kv_lens"), inp["shape"].window
-    return lambda: decode_attention(q, k, v, kv_lens=lens, window=window)
+    lens, window, sinks = inp.get("kv_lens"), inp["shape"].window, inp.get("sinks")
+    return lambda: decode_attention(q, k, v, kv_lens=lens, window=window, sinks=sinks)
+
+
+# Eager attention in torch: the backend of shapes with sinks -----------------------------------------------
+
+@ATTENTION.backend("torch-eager", impl="attention_math in the inputs' precision: masked softmax with the sink column, "
+                   "times V (for shapes with attention sinks, which no fused torch kernel takes)",
+                   requires=lambda s, dtype, device: None if s.sinks else
+                   "torch-eager serves shapes with attention sinks only (sdpa-math is the unfused kernel "
+                   "of the others)")
+def eager(inp: dict, dtype: DType, pass_: str):
+    s, sinks = inp["shape"], inp.get("sinks")
+    return _case(lambda q, k, v: attention_math(q, k, v, s, sinks), inp, pass_)
+
+
+# What each backend takes beyond plain attention: a value head of its own width (MLA's prefill), sinks.
+TAKE_VALUE_DIM = {"torch-eager", "sdpa-math", "sdpa-efficient", "sdpa-cudnn", "flex", "triton"}  # not torch's flash
+TAKE_SINKS = {"torch-eager", "triton", "triton-decode"}
+
+
+def _takes(name: str) -> Callable:
+    def requires(s: AttentionShape, dtype: DType, device: str) -> str | None:
+        if s.sinks and name not in TAKE_SINKS:
+            return f"{name} takes no attention sinks (backends with sinks: {', '.join(sorted(TAKE_SINKS))})"
+        if s.value_dim and s.value_dim != s.head_dim and name not in TAKE_VALUE_DIM:
+            return f"{name} takes v as wide as q and k only (here {s.value_dim} and {s.head_dim})"
+        return None
+    return requires
+
+
+for _name, _backend in list(ATTENTION.backends.items()):
+    ATTENTION.backends[_name] = dataclasses.replace(_backend, requires=all_of(_takes(_name), _backend.requires))

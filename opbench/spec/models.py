@@ -229,6 +229,17 @@ ZOO: dict[str, ModelConfig] = {m.name: m for m in (
     ModelConfig(name="tiny-moe", hidden=192, layers=2, heads=6, kv_heads=2, head_dim=32, ffn_hidden=520, vocab=1000,
                 max_seq_len=512, experts=8, experts_per_token=2, moe_ffn_hidden=136, shared_experts=1,
                 dense_layers=(0,), source=TEST_MODEL),
+    # DeepSeek-V3's layer in small: multi-head latent attention (queries through a low-rank projection,
+    # a latent of 80 that is no power of two, a 16-wide rotary key, values narrower than keys) over
+    # tiny-moe's experts, so that its smoke cases beside the attention's are tiny-moe's.
+    ModelConfig(name="tiny-mla", hidden=192, layers=2, heads=6, kv_heads=6, head_dim=48, ffn_hidden=520, vocab=1000,
+                max_seq_len=512, experts=8, experts_per_token=2, moe_ffn_hidden=136, shared_experts=1,
+                dense_layers=(0,), q_lora_rank=96, kv_lora_rank=80, qk_rope_head_dim=16,
+                v_head_dim=40, source=TEST_MODEL),
+    # gpt-oss's attention in small: a window layer and a full layer, attention sinks in both; the rest is tiny's.
+    ModelConfig(name="tiny-sink", hidden=192, layers=2, heads=6, kv_heads=2, head_dim=32, ffn_hidden=520,
+                vocab=1000, max_seq_len=512, sliding_window=64, window_layers=(0,), attention_sinks=True,
+                source=TEST_MODEL),
 )}
 
 

@@ -23,6 +23,19 @@ ep > 1 each GPU holds experts / ep whole experts, and the tokens travel: each GP
 tokens (a 1/tp slice of its attention replica's, the slices gathered again after the combine) by an
 uneven all-to-all, regroups what it received by local expert, and after the down GEMM sends the rows
 back the same way. A layer waits for its busiest GPU, so the per-GPU expert shapes are that GPU's.
+
+Inference keeps a KV cache, paged (`paged=N`: pages of N tokens through a shuffled block table) and
+in fp8 (`kv=fp8`, per-head scales) where the workload asks: the KV write scatters into pages and
+quantizes, attention reads pages and dequantizes (op family paged_attention). Attention sinks
+(gpt-oss) enter the attention shapes; a model's window layers and full layers are kinds of their own.
+
+Multi-head latent attention (DeepSeek-V2/V3): queries through a low-rank down-projection, its norm
+and the up-projection; a joint down-projection of the hidden state to the latent c_kv and the shared
+rotary key k_pe, the latent's norm, the rotary on q_pe and k_pe; the cache holds [c_kv, k_pe].
+Prefill and training up-project c_kv to each head's K (nope part) and V and attend with q/k 192 and
+v 128 wide; decode runs absorbed: q_nope through W_UK per head (kv_lora_rank wide), attention of all
+heads over the cached rows (mla_decode), and the output through W_UV per head, then o_proj. The
+latent is not sharded: under tp each GPU computes and caches all of it for its heads.
 """
 
 from __future__ import annotations
@@ -43,6 +56,8 @@ from opbench.ops.fused_moe import FusedMoEShape
 from opbench.ops.gemm import GemmShape
 from opbench.ops.grouped_gemm import GroupedGemmShape
 from opbench.ops.kvcache import KVWriteShape
+from opbench.ops.mla import MLADecodeShape
+from opbench.ops.paged_attention import PagedAttentionShape
 from opbench.ops.moe_permute import PermuteShape
 from opbench.ops.moe_route import RouteShape
 from opbench.ops.tokenwise import ParamsShape, RotaryShape, RowsShape, VocabShape
@@ -259,20 +274,70 @@ def plan(model: ModelConfig, workload: Workload) -> Plan:
         if w.tp > 1:
             collective(role, "allreduce", CollectiveShape(act.bytes_of(tokens * h), w.tp))
 
+    def kv_cache_fields(kv_heads: int) -> dict:
+        """How the workload keeps the KV cache: its page and its fp8 scales (per head; one for one head)."""
+        fp8 = 0 if w.kv_dtype != "fp8" else (2 if kv_heads > 1 else 1)
+        return {"page": w.paged, "kv_fp8_scales": fp8}
+
+    def mla_attention_block(attn: str):
+        nope, rope, latent, v = d - model.qk_rope_head_dim, model.qk_rope_head_dim, model.kv_lora_rank, model.value_dim
+        tokenwise("norm.input", model.norm, rows)
+        if model.q_lora_rank:
+            linear("attn.q_down", model.q_lora_rank, h)
+            tokenwise("attn.q_norm", "rmsnorm", RowsShape(tokens, model.q_lora_rank))
+            linear("attn.q_up", dims.heads * d, model.q_lora_rank)
+        else:
+            linear("attn.q", dims.heads * d, h)
+        linear("attn.kv_down", latent + rope, h)  # c_kv and the shared rotary key, one GEMM
+        tokenwise("attn.kv_norm", "rmsnorm", RowsShape(tokens, latent))
+        offset = w.seq_len - 1 if w.phase == "decode" else 0
+        tokenwise("attn.rotary", "rotary",
+                  RotaryShape(tokens, dims.heads, 1, rope, int(model.rotary == "gptj"), offset))
+        if not training:
+            cache = kv_cache_fields(1)
+            calls.append(OpCall("attn.kv_write", "kv_write",
+                                KVWriteShape(tokens, 1, latent + rope, cache["page"], cache["kv_fp8_scales"], 1),
+                                **where))
+        if w.phase == "decode":  # absorbed: per head, q_nope W_UK, then attention over the rows, then W_UV
+            linear("attn.q_absorb", latent, nope, count=dims.heads, adapt=False)
+            tokenwise("attn.core", "mla_decode",
+                      MLADecodeShape(w.batch, dims.heads, latent, rope, d, w.seq_len, w.min_context,
+                                     **kv_cache_fields(1)))
+            linear("attn.v_absorb", v, latent, count=dims.heads, adapt=False)
+        else:
+            linear("attn.kv_up", dims.heads * (nope + v), latent)
+            window = model.sliding_window if attn == "window" and model.sliding_window < w.seq_len else 0
+            tokenwise("attn.core", "attention",
+                      AttentionShape(w.batch, dims.heads, dims.heads, d, w.seq_len, w.seq_len, 1, window,
+                                     value_dim=v if v != d else 0, sinks=int(model.attention_sinks)))
+        linear("attn.o", h, dims.heads * v)
+        allreduce("tp.allreduce.attn")
+        tokenwise("residual.attn", "add", rows)
+
     def attention_block(attn: str):
+        if model.mla:
+            return mla_attention_block(attn)
         tokenwise("norm.input", model.norm, rows)
         linear("attn.qkv", (dims.heads + 2 * dims.kv_heads) * d, h)
         if model.rotary != "none":  # decode: the new tokens follow seq_len - 1 cached positions
             offset = w.seq_len - 1 if w.phase == "decode" else 0
             tokenwise("attn.rotary", "rotary",
                       RotaryShape(tokens, dims.heads, dims.kv_heads, d, int(model.rotary == "gptj"), offset))
+        cache = kv_cache_fields(dims.kv_heads)
         if not training:  # inference stores each new token's K and V for the steps after it
-            calls.append(OpCall("attn.kv_write", "kv_write", KVWriteShape(tokens, dims.kv_heads, d), **where))
+            calls.append(OpCall("attn.kv_write", "kv_write", KVWriteShape(tokens, dims.kv_heads, d, **cache), **where))
         # a window past the end is none
         window = model.sliding_window if attn == "window" and model.sliding_window < w.seq_len else 0
         q_len = 1 if w.phase == "decode" else w.seq_len
-        tokenwise("attn.core", "attention",
-                  AttentionShape(w.batch, dims.heads, dims.kv_heads, d, q_len, w.seq_len, 1, window, w.min_context))
+        sinks = int(model.attention_sinks)
+        if not training and (w.paged or w.kv_dtype):  # attention reads the cache as the workload keeps it
+            tokenwise("attn.core", "paged_attention",
+                      PagedAttentionShape(w.batch, dims.heads, dims.kv_heads, d, q_len, w.seq_len, window,
+                                          w.min_context, sinks=sinks, **cache))
+        else:
+            tokenwise("attn.core", "attention",
+                      AttentionShape(w.batch, dims.heads, dims.kv_heads, d, q_len, w.seq_len, 1, window, w.min_context,
+                                     sinks=sinks))
         linear("attn.o", h, dims.heads * d)
         allreduce("tp.allreduce.attn")
         tokenwise("residual.attn", "add", rows)

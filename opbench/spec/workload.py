@@ -9,7 +9,12 @@ from dataclasses import dataclass
 from opbench.ops.dtypes import DTYPES, WEIGHT_FORMATS
 
 PHASES = ("prefill", "decode", "train", "finetune")
-WORKLOAD_SYNTAX = "PHASE:b=BATCH,s=LENGTH[,smin=LENGTH][,tp=N][,ep=N][,skew=Z][,r=RANK][,w=FORMAT]"  # for help texts
+WORKLOAD_SYNTAX = ("PHASE:b=BATCH,s=LENGTH[,smin=LENGTH][,tp=N][,ep=N][,skew=Z][,r=RANK][,w=FORMAT]"
+                   "[,paged=PAGE][,kv=fp8]")  # for help texts
+
+
+KV_PAGES = (0, 16, 32, 64)  # tokens per page of a paged KV cache (vLLM's block sizes); 0: contiguous
+KV_DTYPES = ("", "fp8")  # "": the activations' dtype; fp8: e4m3 with per-head scales
 
 
 class PlanError(ValueError):
@@ -33,6 +38,10 @@ class Workload:
     # The decoder layers' linear weights: "" in the workload dtype, else a weight format (int8, int4, fp8,
     # fp8-row, fp8-block, nf4); finetune with nf4 is QLoRA
     weights: str = ""
+    # The KV cache of inference as a serving stack keeps it: in pages of `paged` tokens that a block
+    # table maps (0: one contiguous tensor per sequence), in `kv_dtype` ("": the activations' dtype).
+    paged: int = 0
+    kv_dtype: str = ""
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -51,6 +60,14 @@ class Workload:
             raise PlanError(f"unknown dtype {self.dtype!r} (known: {', '.join(DTYPES)})")
         if self.weights:
             self._check_weights()
+        if self.paged not in KV_PAGES:
+            raise PlanError(f"workload paged={self.paged!r}: a page of {', '.join(map(str, KV_PAGES[1:]))} tokens "
+                            "(0: a contiguous cache)")
+        if self.kv_dtype not in KV_DTYPES:
+            raise PlanError(f"workload kv={self.kv_dtype!r}: the KV cache's dtype is one of "
+                            f"{', '.join(filter(None, KV_DTYPES))} (or that of the activations)")
+        if (self.paged or self.kv_dtype) and self.training:
+            raise PlanError(f"paged and kv=: the KV cache of inference; a {self.phase} step keeps none")
         if self.min_context and (self.phase != "decode" or not 0 < self.min_context <= self.seq_len):
             raise PlanError(f"min_context {self.min_context!r}: a decode batch's shortest context, in [1, seq_len]")
 
@@ -72,7 +89,8 @@ class Workload:
         spread = f",smin={self.min_context}" if self.min_context else ""
         moe = (f",ep={self.ep}" if self.ep > 1 else "") + (f",skew={self.skew:g}" if self.skew else "")
         weights = f",w={self.weights}" if self.weights else ""
-        return f"{self.phase}:b={self.batch},s={self.seq_len}{spread},tp={self.tp}{moe}{lora}{weights}"
+        cache = (f",paged={self.paged}" if self.paged else "") + (f",kv={self.kv_dtype}" if self.kv_dtype else "")
+        return f"{self.phase}:b={self.batch},s={self.seq_len}{spread},tp={self.tp}{moe}{lora}{weights}{cache}"
 
     @property
     def training(self) -> bool:
@@ -89,15 +107,16 @@ class Workload:
 
 
 _WORKLOAD_KEYS = {"b": "batch", "s": "seq_len", "tp": "tp", "r": "lora_rank", "smin": "min_context", "ep": "ep",
-                  "skew": "skew"}
-_NUMBER_KEYS = {"skew"}  # the others are integers
-_WORD_KEYS = {"w": "weights"}  # keys whose values are names
+                  "skew": "skew", "paged": "paged"}
+_NUMBER_KEYS = {"skew"}  # the others are integers, but for the words of _WORD_KEYS
+_WORD_KEYS = {"w": "weights", "kv": "kv_dtype"}  # keys whose values are names
 
 
 def parse_workload(text: str, dtype: str | None = None) -> Workload:
     """'prefill:b=1,s=2048,tp=8'. b: batch, s: prompt / context / sequence length, tp, r: LoRA rank,
     smin: a decode batch's shortest context (contexts spread evenly from smin to s), ep: expert-parallel
-    GPUs, skew: the routing's Zipf exponent (0 uniform), w: the linear layers' weight format."""
+    GPUs, skew: the routing's Zipf exponent (0 uniform), w: the linear layers' weight format, paged:
+    the KV cache's page in tokens, kv: the KV cache's dtype (fp8)."""
     m = re.fullmatch(r"\s*(\w+)\s*:\s*(.*?)\s*", text)
     if not m:
         raise PlanError(f"workload {text!r}: expected {WORKLOAD_SYNTAX}")
