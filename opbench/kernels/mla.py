@@ -100,7 +100,7 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
     latent + rope), fp8 with kv_scale (1,) float32; block_table (batch, pages) and kv_lens (batch,) int32.
     scale: the softmax scale of the un-absorbed heads (1/sqrt(qk_nope + rope)). Returns (batch, heads,
     latent) in q's dtype: the attention-weighted latents, which W_UV then maps to each head's value."""
-    (batch, heads, width), (num_pages, page, one, cwidth) = q.shape, cache.shape
+    (batch, heads, width), (_, page, one, cwidth) = q.shape, cache.shape
     rope = width - latent
     if one != 1 or cwidth != width or not 0 < rope:
         raise ValueError(f"mla decode: q {tuple(q.shape)} and cache {tuple(cache.shape)} must share the row width "

@@ -49,7 +49,7 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
             # weight-only int8 and int4 beside bf16 (torch's CPU packed kernels), composed into decode
             # and prefill estimates with their memory
             + tuple(("tiny-q", w) for w in ("prefill:b=2,s=96", "decode:b=4,s=200", "decode:b=4,s=200,w=int8",
-                                            "decode:b=4,s=200,w=int4", "prefill:b=2,s=96,w=int4")),
+                                            "decode:b=4,s=200,w=int4", "prefill:b=2,s=96,w=int4"))
             # serving-era attention: a paged cache, an fp8 cache; MLA prefill and absorbed decode (contiguous,
             # and paged in FlashMLA's 64-token pages with an fp8 cache); sinks over a window and a full layer.
             # Shapes as tiny's and tiny-moe's, so that few cases beside the attention's are new.
