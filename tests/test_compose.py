@@ -85,11 +85,11 @@ def test_backend_policies_pick_among_allowed_backends():
 
 def test_missing_op_names_the_op_and_role():
     composer = Composer([gemm(64, 64, 64, 1e-3)])
-    with pytest.raises(MissingMeasurement, match=r"no measurement of op 'embedding' \(role embed\)"):
+    with pytest.raises(MissingMeasurement, match=r"no measurement of embedding \(embed\)"):
         composer.compose(plan(ZOO["tiny"], Workload("decode", 1, 64, dtype="fp32")))
-    with pytest.raises(MissingMeasurement, match=r"no measurement of op 'gemm' \(role attn.qkv\); measure it "
-                                                 r"with: pytest bench/ --model tiny --workload decode:b=1,s=64,tp=1 "
-                                                 r"--dtype bf16 -k gemm"):
+    with pytest.raises(MissingMeasurement, match=r"no measurement of gemm \(attn.qkv, attn.o, mlp.gate_up, mlp.down, "
+                                                 r"lm_head\); measure it with: pytest bench/test_gemm.py --model tiny "
+                                                 r"--workload decode:b=1,s=64,tp=1 --dtype bf16"):
         p = plan(ZOO["tiny"], Workload("decode", 1, 64))
         Composer([]).compose(Plan(p.model, p.workload, tuple(c for c in p.calls if c.op == "gemm")))
 

@@ -19,7 +19,8 @@ DTYPE_PALETTE = ("#E69F00", "#009E73", "#0072B2", "#CC79A7", "#D55E00", "#56B4E9
 MODULE_PALETTE = ("#4477AA", "#EE6677", "#228833", "#CCBB44", "#66CCEE", "#AA3377", "#994F00", "#555555", "#BBBBBB")
 # On the roofline a family is a marker, filled, then the same markers hollow: 30 shapes, one per family
 # in FAMILIES order (so a family keeps its marker from report to report), and a dtype is a colour.
-FAMILY_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", "p", "h", "*", ">", "d", "H", "8")
+FAMILY_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", "p", "h", "*", ">", "d", "H", "8", "$\\star$", "$\\diamond$",
+                  "$\\bowtie$", "$\\clubsuit$", "$\\spadesuit$")
 LEGEND_GREY = "#555555"  # the family entries of the legend: their marker alone tells them apart
 MAX_BARS = 60  # a breakdown chart taller than this many workloads is no longer read
 

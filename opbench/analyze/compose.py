@@ -218,7 +218,7 @@ class Composer:
         self.policy, self.fused = policy, fused
         self.fits: dict[tuple[str, str], Fit] = {}
         for f in fits:
-            self.fits.setdefault((f.op, f.dtype), f)
+            self.fits.setdefault((f.op, getattr(f, "dtype", "")), f)  # a bare AlphaBeta stands for every dtype
         self.fabric = get_profile(fabric)
         measurements = [m for m in measurements if m.timed]
         self.measurements = [m for m in measurements if m.kind == "op" and allowed(m.backend)]
@@ -264,7 +264,7 @@ class Composer:
             if stand_in is not None and stand_in.busbw_gbps is not None:
                 fit = AlphaBeta(op, stand_in.alpha_s, stand_in.busbw_gbps, stand_in.world, stand_in.source)
                 label = f"{stand_label} ({stand_in.op} standing in)"
-        if fit is None:
+        if fit is None or (fit.busbw_gbps is None and world != fit.world):  # a latency alone cannot scale
             fit, label = self.fabric, f"profile {self.fabric.name}"
         return predict(op, size_bytes, world, fit), "modeled", label
 
@@ -273,7 +273,9 @@ class Composer:
         if fit is not None:
             return fit, fit.source
         fit = next((f for (o, _), f in self.fits.items() if o == op), None)
-        return fit, (f"{fit.source}; its {fit.dtype} fit stands for {dtype}" if fit else "")
+        if fit is None or not getattr(fit, "dtype", ""):
+            return fit, fit.source if fit else ""
+        return fit, f"{fit.source}; its {fit.dtype} fit stands for {dtype}"
 
     def collective_s(self, op: str, size_bytes: int, world: int, dtype: str = "bf16") -> float:
         """One collective call by the alpha-beta model (gradients are reduced in bf16 unless told)."""

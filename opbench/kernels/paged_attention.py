@@ -104,7 +104,7 @@ def paged_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
     q (batch, heads, 1, d); k_pages, v_pages (num_pages, page, kv_heads, d), fp8 with k_scale and v_scale
     (kv_heads,) float32; block_table (batch, pages per sequence) int32; kv_lens (batch,) int32, the new
     token included. Returns (batch, heads, 1, d) in q's dtype."""
-    (batch, heads, q_len, head_dim), (num_pages, page, kv_heads, dk) = q.shape, k_pages.shape
+    (batch, heads, q_len, head_dim), (_, page, kv_heads, dk) = q.shape, k_pages.shape
     if q_len != 1 or dk != head_dim or v_pages.shape != k_pages.shape or heads % kv_heads:
         raise ValueError(f"paged decode: q {tuple(q.shape)} (one query), pages {tuple(k_pages.shape)} and "
                          f"{tuple(v_pages.shape)}: head_dim must match and heads be a multiple of kv_heads")

@@ -37,7 +37,7 @@ def record_samples(benchmark, samples_s: Sequence[float]) -> None:
     then describe exactly these samples. When benchmarking is disabled the fixture is only marked
     used, with one call of nothing (pedantic times nothing then), so that it does not warn it was not."""
     if not benchmark.enabled:
-        benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+        benchmark.pedantic(lambda: None, rounds=1, iterations=1, warmup_rounds=0)
         return
     if not samples_s:
         return

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from opbench.ops import FAMILIES, get_family
 from opbench.ops.backends import backend_filter
-from opbench.ops.collective import COLLECTIVES
+from opbench.ops.collective import is_collective
 from opbench.ops.dtypes import get_dtype
 from opbench.spec.models import ConfigError, ModelConfig, get_model
 from opbench.spec.workload import PlanError, parse_workload
@@ -104,7 +104,7 @@ class Selection:
         """The ops the plans call (fused kernels included) that the backend patterns leave without a
         backend, each with the backends it has. Collectives are left aside: their backend is the
         process group the device implies."""
-        ops = dict.fromkeys(c.op for p in self.plans for c in p.all_calls if c.op not in COLLECTIVES)
+        ops = dict.fromkeys(c.op for p in self.plans for c in p.all_calls if not is_collective(c.op))
         backends = {op: tuple(get_family(op).backends) for op in ops}
         return {op: names for op, names in backends.items() if not any(map(self.allows, names))}
 
@@ -164,7 +164,7 @@ def measure_command(plans: Iterable[Plan], ops: Iterable[str], backends: Iterabl
     """One pytest command that measures `ops` at every call the plans make of them: the ops' bench
     modules (bench/test_OP.py), the plans' models, workloads and dtypes, and the backend patterns."""
     plans = list(plans)
-    modules = [f"bench/test_{op}.py" for op in dict.fromkeys(ops) if op in FAMILIES and op not in COLLECTIVES]
+    modules = [f"bench/test_{op}.py" for op in dict.fromkeys(ops) if op in FAMILIES and not is_collective(op)]
     options = [f"--model {m}" for m in dict.fromkeys(p.model.name for p in plans)]
     options += [f"--workload {w}" for w in dict.fromkeys(p.workload.label for p in plans)]
     options.append(f"--dtype {','.join(dict.fromkeys(p.workload.dtype for p in plans))}")

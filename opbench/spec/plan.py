@@ -276,7 +276,7 @@ def plan(model: ModelConfig, workload: Workload) -> Plan:
 
     def kv_cache_fields(kv_heads: int) -> dict:
         """How the workload keeps the KV cache: its page and its fp8 scales (per head; one for one head)."""
-        fp8 = 0 if w.kv_dtype != "fp8" else (2 if kv_heads > 1 else 1)
+        fp8 = 0 if not w.kv_dtype else (2 if kv_heads > 1 else 1)  # the one KV dtype: fp8
         return {"page": w.paged, "kv_fp8_scales": fp8}
 
     def mla_attention_block(attn: str):
