@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from dataclasses import dataclass, field
 
 import pytest
@@ -83,8 +85,7 @@ def world(request) -> World:
         run.world.check_same_tests(item.nodeid for item in request.session.items)
     except DistributedError as error:
         stop(str(error), request.config)
-    yield run.world
-    finish()
+    yield run.world  # the process group ends in pytest_unconfigure, once every rank has reported
 
 
 @pytest.fixture
@@ -125,3 +126,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.section("opbench collectives")
     for line in summary_lines(run.timed, run.fits(), run.launch.describe()):
         terminalreporter.write_line(line)
+
+
+def pytest_unconfigure(config):
+    """After every rank has printed its summary: torchrun ends the other ranks as soon as one exits
+    non-zero (a failed case fails on every rank), so no rank leaves before all are done reporting."""
+    run = config.stash.get(_RUN, None)
+    if run is not None and run.world is not None:
+        sys.stdout.flush()
+        with contextlib.suppress(Exception):  # a rank that died already: nothing left to wait for
+            run.world.barrier()
+    finish()

@@ -111,7 +111,7 @@ def _register(family: OpFamily, eager, *, act: str, gated: bool) -> None:
     """The same backends for each activation: `eager` in torch and compiled, the kernel's `act`."""
     eager_and_compiled(family, eager, GRADS, f"eager torch ({eager.__name__})")
 
-    @family.backend("triton", impl=f"kernels/activation.py: activation(act={act!r}, gated={gated}) and its backward",
+    @family.backend("triton", impl=f"opbench/kernels/activation.py: activation(act={act!r}, gated={gated}) and its backward",
                     requires=needs_triton_gpu)
     def triton_backend(inp: dict, dtype: DType, pass_: str):
         from opbench.kernels.activation import activation, activation_backward

@@ -522,7 +522,7 @@ def fa3(inp: dict, dtype: DType, pass_: str):
 
 # The suite's own Triton kernels (kernels/attention.py) ------------------------------------------------
 
-@ATTENTION.backend("triton", impl="kernels/attention.py flash_attention / flash_attention_backward, "
+@ATTENTION.backend("triton", impl="opbench/kernels/attention.py flash_attention / flash_attention_backward, "
                    "autotuned per shape",
                    requires=all_of(needs_triton_gpu, _one_context("the Triton flash-attention kernel "
                                                                   "(triton-decode takes one per sequence)")))
@@ -539,7 +539,7 @@ def triton_flash(inp: dict, dtype: DType, pass_: str):
     return lambda: flash_attention_backward(do, q, k, v, o, lse, **masking)
 
 
-@ATTENTION.backend("triton-decode", impl="kernels/attention.py decode_attention: split-KV (flash-decoding) "
+@ATTENTION.backend("triton-decode", impl="opbench/kernels/attention.py decode_attention: split-KV (flash-decoding) "
                    "with a log-sum-exp reduction kernel",
                    requires=all_of(needs_triton_gpu, _decode_only("the split-KV decode kernel")))
 def triton_decode(inp: dict, dtype: DType, pass_: str):

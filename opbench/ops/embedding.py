@@ -105,7 +105,7 @@ eager_and_compiled(CROSS_ENTROPY, torch_cross_entropy, LOSS_GRADS,
                    "torch.nn.functional.cross_entropy(reduction='none') on the logits' dtype")
 
 
-@CROSS_ENTROPY.backend("triton", impl="kernels/cross_entropy.py: chunked online softmax; backward in place "
+@CROSS_ENTROPY.backend("triton", impl="opbench/kernels/cross_entropy.py: chunked online softmax; backward in place "
                                       "over the logits, in their dtype", requires=needs_triton_gpu)
 def cross_entropy_triton(inp: dict, dtype: DType, pass_: str):
     from opbench.kernels.cross_entropy import cross_entropy, cross_entropy_backward

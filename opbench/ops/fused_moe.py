@@ -105,7 +105,7 @@ def fused_moe_torch(inp: dict, dtype: DType, pass_: str):
     return lambda: experts_unfused(x, w1, w2, ids, weights)
 
 
-@FUSED_MOE.backend("triton", impl="kernels/fused_moe.py: the permutation fused into both grouped GEMMs "
+@FUSED_MOE.backend("triton", impl="opbench/kernels/fused_moe.py: the permutation fused into both grouped GEMMs "
                                   "(rows gathered by copy id), the routing weight in the down GEMM's epilogue",
                    requires=needs_triton_gpu)
 def fused_moe_triton(inp: dict, dtype: DType, pass_: str):

@@ -150,7 +150,7 @@ def torch_grouped_mm(inp: dict, dtype: DType, pass_: str):
     return lambda: F.grouped_mm(dyt, x, offs=offs)
 
 
-@GROUPED_GEMM.backend("triton", impl="kernels/grouped_gemm.py: tiles of each expert's rows (fwd, dgrad), "
+@GROUPED_GEMM.backend("triton", impl="opbench/kernels/grouped_gemm.py: tiles of each expert's rows (fwd, dgrad), "
                                      "a ragged reduction per expert (wgrad)", requires=all_of(needs_triton_gpu))
 def triton_grouped(inp: dict, dtype: DType, pass_: str):
     from opbench.kernels.grouped_gemm import grouped_gemm, grouped_gemm_wgrad

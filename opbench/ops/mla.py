@@ -134,7 +134,7 @@ def mla_torch(inp: dict, dtype: DType, pass_: str):
     return forward
 
 
-@MLA_DECODE.backend("triton-mla", impl="kernels/mla.py mla_decode: absorbed MLA, split-KV over the block table, "
+@MLA_DECODE.backend("triton-mla", impl="opbench/kernels/mla.py mla_decode: absorbed MLA, split-KV over the block table, "
                     "a tile of heads per program reading each row once", requires=needs_triton_gpu)
 def mla_triton(inp: dict, dtype: DType, pass_: str):
     from opbench.kernels.mla import mla_decode

@@ -109,7 +109,7 @@ def route_torch(inp: dict, dtype: DType, pass_: str):
     return _pass(route, inp, pass_)
 
 
-@MOE_ROUTE.backend("triton", impl="kernels/moe_routing.py: route and route_backward, one program per token "
+@MOE_ROUTE.backend("triton", impl="opbench/kernels/moe_routing.py: route and route_backward, one program per token "
                                   "(scores, top-k and renormalisation together)", requires=needs_triton_gpu)
 def route_triton(inp: dict, dtype: DType, pass_: str):
     from opbench.kernels.moe_routing import route as route_kernel

@@ -68,7 +68,7 @@ def unpermute_torch(inp: dict, dtype: DType, pass_: str):
     return autograd_pass(combine, inp, pass_, GRADS)
 
 
-@MOE_UNPERMUTE.backend("triton", impl="kernels/moe_routing.py: unpermute_combine (gather, weight and sum in one "
+@MOE_UNPERMUTE.backend("triton", impl="opbench/kernels/moe_routing.py: unpermute_combine (gather, weight and sum in one "
                                       "pass) and combine_backward", requires=needs_triton_gpu)
 def unpermute_triton(inp: dict, dtype: DType, pass_: str):
     from opbench.kernels.moe_routing import combine_backward, unpermute_combine

@@ -189,7 +189,7 @@ eager_and_compiled(ADD_RMSNORM, torch_add_rms_norm, ADD_RMS_GRADS,
 
 # The suite's Triton kernels: the backward is timed alone, from the statistics its forward saved ------
 
-@RMSNORM.backend("triton", impl="kernels/norm.py: rms_norm, rms_norm_backward", requires=needs_triton_gpu)
+@RMSNORM.backend("triton", impl="opbench/kernels/norm.py: rms_norm, rms_norm_backward", requires=needs_triton_gpu)
 def rmsnorm_triton(inp: dict, dtype: DType, pass_: str):
     from opbench.kernels.norm import rms_norm, rms_norm_backward
 
@@ -200,7 +200,7 @@ def rmsnorm_triton(inp: dict, dtype: DType, pass_: str):
     return lambda: rms_norm_backward(inp["dy"], x, weight, rstd)
 
 
-@LAYERNORM.backend("triton", impl="kernels/norm.py: layer_norm, layer_norm_backward", requires=needs_triton_gpu)
+@LAYERNORM.backend("triton", impl="opbench/kernels/norm.py: layer_norm, layer_norm_backward", requires=needs_triton_gpu)
 def layernorm_triton(inp: dict, dtype: DType, pass_: str):
     from opbench.kernels.norm import layer_norm, layer_norm_backward
 
@@ -211,7 +211,7 @@ def layernorm_triton(inp: dict, dtype: DType, pass_: str):
     return lambda: layer_norm_backward(inp["dy"], x, weight, saved.mean, saved.rstd)
 
 
-@ADD_RMSNORM.backend("triton", impl="kernels/norm.py: rms_norm with a fused residual, rms_norm_backward",
+@ADD_RMSNORM.backend("triton", impl="opbench/kernels/norm.py: rms_norm with a fused residual, rms_norm_backward",
                      requires=needs_triton_gpu)
 def add_rmsnorm_triton(inp: dict, dtype: DType, pass_: str):
     from opbench.kernels.norm import rms_norm, rms_norm_backward

@@ -182,7 +182,7 @@ def paged_torch(inp: dict, dtype: DType, pass_: str):
     return forward
 
 
-@PAGED_ATTENTION.backend("triton-paged", impl="kernels/paged_attention.py paged_decode_attention: split-KV over "
+@PAGED_ATTENTION.backend("triton-paged", impl="opbench/kernels/paged_attention.py paged_decode_attention: split-KV over "
                          "the block table, fp8 dequantized by per-head scales on the scores and output",
                          requires=all_of(needs_triton_gpu, _decode_only("the Triton paged kernel")))
 def paged_triton(inp: dict, dtype: DType, pass_: str):

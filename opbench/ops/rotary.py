@@ -98,7 +98,7 @@ def torch_rotary(q, k, cos, sin, positions, interleaved):
 eager_and_compiled(ROTARY, torch_rotary, GRADS, "eager torch ops (gather cos/sin, multiply, cat)")
 
 
-@ROTARY.backend("triton", impl="kernels/rotary.py: rotary (backward: the conjugate rotation)",
+@ROTARY.backend("triton", impl="opbench/kernels/rotary.py: rotary (backward: the conjugate rotation)",
                 requires=needs_triton_gpu)
 def rotary_triton(inp: dict, dtype: DType, pass_: str):
     from opbench.kernels.rotary import rotary
