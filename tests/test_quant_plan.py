@@ -238,3 +238,14 @@ def test_a_failing_probe_is_remembered_with_the_librarys_words():
         raise RuntimeError("no kernel image for this device\nmore")
     assert base.probe(("test-probe",), fail) == "RuntimeError: no kernel image for this device"
     assert base.probe(("test-probe",), fail) == "RuntimeError: no kernel image for this device" and len(calls) == 1
+
+
+def test_torch_int8_on_a_cpu_skips_rows_its_kernel_cannot_read():
+    # torch 2.13's CPU _weight_int8pack_mm ends the process with a segmentation fault when K is not a
+    # multiple of 16: the case must skip with that reason, never reach the kernel
+    from opbench.ops.dtypes import get_dtype
+    from opbench.ops.wgemm import WGEMM, WGemmShape
+
+    requires = WGEMM.backends["torch"].requires
+    assert "multiple of 16" in requires(WGemmShape(4, 192, 520), get_dtype("int8"), "cpu")
+    assert requires(WGemmShape(4, 192, 528), get_dtype("int8"), "cpu") is None

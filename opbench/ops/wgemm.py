@@ -84,6 +84,8 @@ def _torch_packed(shape: WGemmShape, dtype: DType, device: str) -> str | None:
     if not dtype.zero_bits:
         if not hasattr(torch, "_weight_int8pack_mm"):
             return f"torch {torch.__version__} has no torch._weight_int8pack_mm"
+        if device == "cpu" and shape.k % 16:  # torch 2.13's CPU kernel crashes the process on such rows
+            return f"torch's CPU int8 kernel needs K a multiple of 16 (K={shape.k})"
         failed = probe(("int8pack", device), lambda: torch_packed(inputs(WGemmShape(1, 16, 32), dtype, "fwd", device),
                                                                   dtype, "fwd")())
         return f"torch._weight_int8pack_mm does not run on {device} here ({failed})" if failed else None
