@@ -26,10 +26,14 @@ def two_runs(tmp_path_factory):
     return paths
 
 
+def _ci(m) -> str:
+    return "n/a" if m.stability.ci_rel is None else f"{m.stability.ci_rel:.2%}"
+
+
 def _figures(c) -> str:
-    rows = [f"{label(ch.base)}: {ch.change:+.1%} (base ci {ch.base.stability.ci_rel:.2%} stable "
-            f"{ch.base.stability.stable}, new ci {ch.new.stability.ci_rel:.2%} stable {ch.new.stability.stable}) "
-            f"-> {ch.verdict}" for ch in sorted(c.changes, key=lambda ch: -abs(ch.change))]
+    rows = [f"{label(ch.base)}: {ch.change:+.1%} (base ci {_ci(ch.base)} stable {ch.base.stability.stable}, "
+            f"new ci {_ci(ch.new)} stable {ch.new.stability.stable}) -> {ch.verdict}"
+            for ch in sorted(c.changes, key=lambda ch: -abs(ch.change))]
     return f"drift {c.drift}\n" + "\n".join(rows)
 
 

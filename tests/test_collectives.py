@@ -16,6 +16,7 @@ from opbench.spec.models import ZOO
 from opbench.ops.collective import (COLLECTIVES, CollectiveShape, algbw_gbps, busbw_factor, busbw_gbps,
                                     message_bytes, pattern, reference, shape_id)
 from opbench.measure.selection import select
+from opbench.ops import get_family
 from opbench.spec.workload import parse_workload
 from opbench.spec.plan import plan
 
@@ -222,7 +223,9 @@ def _check_run(data: dict, world: int) -> None:
         assert info["busbw_gbps"] == pytest.approx(info["bytes"] / median / 1e9 * busbw_factor(info["op"], world))
         # each round's time is the slowest rank's, so the median is at least every rank's own
         assert len(info["rank_median_s"]) == world and median >= max(info["rank_median_s"]) * (1 - 1e-12)
-        assert bench["param"] == f"{info['op']}-{shape_id(CollectiveShape(**info['shape']))}-{info['dtype']}-fwd-gloo"
+        family = get_family(info["op"])
+        shape = family.id_of(family.shape_type(**info["shape"]))
+        assert bench["param"] == f"{info['op']}-{shape}-{info['dtype']}-fwd-gloo"
     layout = data["machine_info"]["distributed"]
     assert (layout["world_size"], layout["nodes"], layout["ranks_per_node"]) == (world, 1, [world])
     assert layout["backend"] == "gloo" and layout["launcher"] == "torchrun"
@@ -242,8 +245,10 @@ def test_two_rank_run_writes_one_json_with_every_case(two_ranks):
     assert sorted(b["param"] for b in data["benchmarks"]) == sorted(f"{c.op}-{c.id}" for c in cases)
     _check_run(data, 2)
     fits = data["opbench"]["collectives"]["fits"]
-    assert {(f["op"], f["dtype"]) for f in fits} == {(op, d) for op in COLLECTIVES
-                                                     for d in select(profile="smoke", device="cpu").dtypes}
+    # every collective's sweep in every dtype, and the uneven all-to-all of the smoke plan's expert parallelism
+    assert {(f["op"], f["dtype"]) for f in fits} == {(c.op, c.dtype) for c in cases}
+    assert {(op, d) for op in COLLECTIVES for d in select(profile="smoke", device="cpu").dtypes} <= {
+        (f["op"], f["dtype"]) for f in fits} and any(f["op"] == "alltoallv" for f in fits)
     assert all(f["world"] == 2 and f["alpha_s"] >= 0 for f in fits)
     assert data["opbench"]["profile"] == "smoke"  # the plugin's section is kept
     # both ranks ran every case; rank 0 alone printed the tables

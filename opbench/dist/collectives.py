@@ -169,7 +169,8 @@ def collective_runs(cases: list[Case], backend: str, nccl: tuple[int, ...] | Non
     runs = []
     for case in cases:
         runs.append(CollectiveRun(case))
-        if graph_unsupported(backend, case.shape.size_bytes, nccl) is None:
+        size = get_family(case.op).bytes(case.shape, get_dtype(case.dtype), case.pass_)  # the nccl-tests buffer
+        if graph_unsupported(backend, size, nccl) is None:
             runs.append(CollectiveRun(case, graph=True))
     return runs
 
