@@ -22,11 +22,12 @@ import torch.nn.functional as F
 from opbench.ops import attention as attn
 from opbench.ops.base import OpFamily, all_of, high_precision, installed, needs_cuda, needs_triton_gpu
 from opbench.ops.dtypes import DType
-from opbench.ops.paged_attention import INDEX_BYTES, SCALE_BYTES, quantize_fp8, select_pages, shuffled_block_table
+from opbench.ops.paged_attention import (INDEX_BYTES, SCALE_BYTES, Paged, quantize_fp8, select_pages,
+                                         shuffled_block_table)
 
 
 @dataclass(frozen=True)
-class MLADecodeShape:
+class MLADecodeShape(Paged):
     batch: int
     heads: int  # query heads (per GPU)
     kv_lora_rank: int  # the latent's width: the values' width
@@ -47,13 +48,6 @@ class MLADecodeShape:
     def row(self) -> int:
         return self.kv_lora_rank + self.rope_dim
 
-    @property
-    def page_tokens(self) -> int:
-        return self.page or self.kv_len
-
-    @property
-    def pages_per_sequence(self) -> int:
-        return -(-self.kv_len // self.page_tokens)
 
     def context_lens(self) -> list[int]:
         return attn.context_lens(attn.AttentionShape(self.batch, 1, 1, 1, 1, self.kv_len, 0, 0, self.kv_len_min))

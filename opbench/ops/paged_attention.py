@@ -28,8 +28,23 @@ INDEX_BYTES = 4  # int32 block-table entries and context lengths
 SCALE_BYTES = 4
 
 
+class Paged:
+    """What a cache of `kv_len` tokens in pages of `page` tokens (0: one contiguous page) takes: the
+    shapes of paged_attention and mla_decode both have these two fields."""
+    page: int
+    kv_len: int
+
+    @property
+    def page_tokens(self) -> int:
+        return self.page or self.kv_len
+
+    @property
+    def pages_per_sequence(self) -> int:
+        return -(-self.kv_len // self.page_tokens)
+
+
 @dataclass(frozen=True)
-class PagedAttentionShape:
+class PagedAttentionShape(Paged):
     batch: int
     heads: int
     kv_heads: int
@@ -52,13 +67,6 @@ class PagedAttentionShape:
         return attn.AttentionShape(self.batch, self.heads, self.kv_heads, self.head_dim, self.q_len, self.kv_len, 1,
                                     self.window, self.kv_len_min, sinks=self.sinks)
 
-    @property
-    def page_tokens(self) -> int:
-        return self.page or self.kv_len
-
-    @property
-    def pages_per_sequence(self) -> int:
-        return -(-self.kv_len // self.page_tokens)
 
 
 def shape_id(s: PagedAttentionShape) -> str:
