@@ -142,5 +142,7 @@ def test_a_silenced_run_writes_no_json_saves_nothing_and_prints_no_table(tmp_pat
                       f"--benchmark-storage={storage}", "-q", timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "1 passed" in proc.stdout
-    assert not out.exists() and not list(storage.rglob("*.json"))  # pytest-benchmark makes the folder, saves nothing
+    # pytest-benchmark < 5.3 opens (and so empties) the JSON file while it parses the options, before any
+    # plugin runs: on such a rank the file may exist, but nothing is written into it
+    assert (not out.exists() or out.stat().st_size == 0) and not list(storage.rglob("*.json"))
     assert "benchmark: 1 tests" not in proc.stdout and "Min" not in proc.stdout

@@ -190,6 +190,8 @@ def test_one_workload_syntax_everywhere(capsys):
 
 
 def test_parametrize_takes_lists_not_iterators():
+    if not hasattr(pytest, "PytestRemovedIn10Warning"):
+        pytest.skip(f"pytest {pytest.__version__} does not warn of what pytest 10 removes")
     proc = run_pytest("tests/test_tokenwise_kernels.py", "--collect-only", "-q", "-W",
                       "error::pytest.PytestRemovedIn10Warning", timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
