@@ -6,9 +6,9 @@ the threshold is a regression (or an improvement) only when all of these hold:
 - both records are stable (their medians' confidence intervals are tight): otherwise "ambiguous",
   as nvbench's robust compare has it;
 - it stands out of the run-wide drift: between two runs a machine moves every case a little (clocks,
-  the host's load), so the change is taken against the median change of all matched cases and must
-  exceed the threshold on top of the cases' own spread of changes (three robust standard deviations),
-  and --noise;
+  the host's load), so the change is taken against the median change of the matched cases of about its
+  duration and must exceed the threshold on top of their spread of changes (three robust standard
+  deviations, never less than the whole run's), and --noise;
 - neither run was throttled during the case ("throttled"), and where both records carry the SM
   clock, the change holds in cycles (time x clock) too ("clock": the card's clock moved, not the
   kernel).
@@ -28,6 +28,10 @@ from opbench.text import format_seconds, table_lines
 
 DEFAULT_THRESHOLD_PCT = 5.0
 ROBUST_Z = 3.0  # a case stands out of the run-wide drift beyond this many robust standard deviations
+NEIGHBOURS = 15  # cases of about the same duration whose changes set a case's drift
+# Two CPU runs of the same code moved microsecond cases by up to 14% with tight rounds on a 2-core virtual
+# machine (process placement, frequency, the neighbours' load): below this no CPU change is called one
+CPU_NOISE = 0.20
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,20 @@ class Drift:
             return cls()
         shift = statistics.median(logs)
         return cls(shift, 1.4826 * statistics.median(abs(x - shift) for x in logs))
+
+    @classmethod
+    def by_scale(cls, pairs: list[tuple[OpCase, OpCase]]) -> list[Drift]:
+        """Each pair's drift among the cases of about its duration (its NEIGHBOURS nearest by median time),
+        never below the whole run's: a microsecond case drifts more between two runs than a
+        millisecond one (on a CPU, by 10% and more with tight rounds), which the run-wide spread hides."""
+        run = cls.of(pairs)
+        order = sorted(range(len(pairs)), key=lambda i: pairs[i][0].median_s or 0.0)
+        drifts: list[Drift] = [run] * len(pairs)
+        for rank, i in enumerate(order):
+            lo = max(0, min(rank - NEIGHBOURS // 2, len(order) - NEIGHBOURS))
+            local = cls.of([pairs[j] for j in order[lo:lo + NEIGHBOURS]])
+            drifts[i] = local if local.log_sigma > run.log_sigma else cls(local.log_shift, run.log_sigma)
+        return drifts
 
 
 def _quartiles(m: OpCase) -> tuple[float, float]:
@@ -122,10 +140,17 @@ def _by_key(run: Run) -> dict[tuple, OpCase]:
     return cases
 
 
-def compare_runs(base: Run, new: Run, threshold: float = DEFAULT_THRESHOLD_PCT / 100, noise: float = 0.0) -> Comparison:
+def compare_runs(base: Run, new: Run, threshold: float = DEFAULT_THRESHOLD_PCT / 100,
+                 noise: float | None = None) -> Comparison:
+    """noise: the between-run drift the machine is known to show (None: CPU_NOISE for two CPU runs, else 0)."""
+    if noise is None:
+        noise = CPU_NOISE if base.device == new.device == "cpu" else 0.0
     a, b = _by_key(base), _by_key(new)
-    drift = Drift.of([(a[k], b[k]) for k in a if k in b])
-    changes = tuple(Change(a[k], b[k], verdict(a[k], b[k], threshold, drift, noise)) for k in a if k in b)
+    keys = [k for k in a if k in b]
+    pairs = [(a[k], b[k]) for k in keys]
+    drift = Drift.of(pairs)
+    changes = tuple(Change(a[k], b[k], verdict(a[k], b[k], threshold, local, noise))
+                    for k, local in zip(keys, Drift.by_scale(pairs)))
     return Comparison(base, new, threshold, changes, tuple(a[k] for k in a if k not in b),
                       tuple(b[k] for k in b if k not in a), environment_diff(base.machine_info, new.machine_info),
                       drift)
@@ -219,9 +244,10 @@ def add_command(sub) -> None:
     p.add_argument("--storage", metavar="DIR",
                    help="a pytest-benchmark storage folder (--benchmark-storage) in which BASE and NEW name runs "
                         "by id (0001), saved name, or MACHINE-ID/0001")
-    p.add_argument("--noise", type=threshold_pct, default=0.0, metavar="PCT",
+    p.add_argument("--noise", type=threshold_pct, default=None, metavar="PCT",
                    help="the between-run drift this machine is known to show: no change within it is a regression "
-                        "(default 0: the comparison learns the drift from the run-wide spread of changes)")
+                        f"(default: {CPU_NOISE:.0%} for two CPU runs, whose microsecond cases drift that much between "
+                        "processes; 0 on GPUs, where the comparison learns the drift from the run's spread of changes)")
     p.add_argument("--all", action="store_true", help="also list the unchanged and the ambiguous cases")
     p.set_defaults(func=run_command)
 
@@ -231,7 +257,7 @@ def run_command(args) -> int:
     news = [load_run(resolve_run(spec, args.storage)) for spec in args.new]
     status = 0
     for new in news:
-        comparison = compare_runs(base, new, args.threshold / 100, args.noise / 100)
+        comparison = compare_runs(base, new, args.threshold / 100, None if args.noise is None else args.noise / 100)
         print("\n".join(format_comparison(comparison, args.all)), end="\n\n")
         status = status or int(bool(comparison.regressions))
     return status
